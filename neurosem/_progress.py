@@ -1,0 +1,19 @@
+"""Progress bars on stderr (tqdm), silenced with ``enabled=False`` or ``NEUROSEM_NO_PROGRESS=1``."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "",
+             enabled: bool = True, unit: str = "it") -> Iterator[T]:
+    """Wrap ``iterable`` in a tqdm bar on stderr when enabled and not switched off by the env."""
+    if not enabled or os.environ.get("NEUROSEM_NO_PROGRESS"):
+        yield from iterable
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False) as bar:
+        yield from bar

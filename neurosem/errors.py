@@ -1,0 +1,23 @@
+"""User-facing errors.
+
+Every problem a user can fix (a missing file, a malformed Broden directory, an unknown layer, ...)
+is raised as :class:`NeurosemError` with a one-line message that says what to do. The CLI prints it
+as ``error: <message>`` and exits with status 2, without a traceback.
+"""
+from __future__ import annotations
+
+
+class NeurosemError(Exception):
+    """An error the user can fix; ``str(err)`` is one line that says how."""
+
+    def __init__(self, message: str) -> None:
+        # Keep the message on one line: the CLI prints it as is.
+        super().__init__(" ".join(str(message).split()))
+
+
+class DataError(NeurosemError):
+    """A dataset (Broden, image folder, CIFAR root) is missing or malformed."""
+
+
+class RunMismatchError(NeurosemError):
+    """A run directory holds outputs made with other arguments."""
