@@ -1,0 +1,186 @@
+"""Shared matplotlib setup for every neurosem figure.
+
+One place decides how figures look and how they are written, so that the analysis figures and the
+dissection summary look alike in a paper:
+
+- figures are built on the Agg canvas without pyplot (:func:`new_figure`), so nothing depends on
+  the interactive backend and no figure leaks into pyplot's global list;
+- seaborn's ``"paper"`` context and ``"ticks"`` style, applied with :func:`plot_style` (an
+  ``rc_context``: nothing global changes);
+- :func:`save_figure` writes PDF (TrueType fonts, ``pdf.fonttype`` 42), PNG (300 dpi by default)
+  and SVG (text kept as text, ``svg.fonttype`` ``"none"``), with the dates stripped so reruns give
+  the same files.
+
+The API (``plot_style``, ``new_figure``, ``save_figure``, ``DEFAULT_FORMATS``) is stable: other
+modules import it.
+
+Example:
+    >>> from neurosem.analysis._plotstyle import plot_style, new_figure, save_figure
+    >>> with plot_style():
+    ...     fig, ax = new_figure(1, 1, figsize=(3, 2))
+    ...     _ = ax.plot([0, 1], [1, 0])
+    ...     paths = save_figure(fig, "/tmp/demo", ("png",), dpi=50)
+    >>> [p.name for p in paths]
+    ['demo.png']
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+from neurosem.errors import NeurosemError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+DEFAULT_FORMATS: tuple[str, ...] = ("pdf", "png", "svg")
+SUPPORTED_FORMATS: tuple[str, ...] = ("pdf", "png", "svg", "eps", "jpg")
+DEFAULT_DPI = 300
+
+# Settings applied when a file is written: embedded TrueType in PDF/PS, text kept as text in SVG,
+# and a fixed SVG id salt so the files are reproducible.
+_SAVE_RC: dict[str, Any] = {
+    "pdf.fonttype": 42,
+    "ps.fonttype": 42,
+    "svg.fonttype": "none",
+    "svg.hashsalt": "neurosem",
+}
+
+# Per-format metadata that would otherwise stamp the current date into the file.
+_METADATA: dict[str, dict[str, Any]] = {
+    "pdf": {"CreationDate": None, "Creator": "neurosem"},
+    "svg": {"Date": None, "Creator": "neurosem"},
+    "png": {"Software": "neurosem"},
+    "eps": {},
+    "jpg": {},
+}
+
+
+def style_rc(context: str = "paper", style: str = "ticks", font_scale: float = 1.0) -> dict[str, Any]:
+    """The rcParams of a neurosem figure: seaborn ``context``/``style`` plus the save settings."""
+    import seaborn as sns
+
+    rc: dict[str, Any] = {}
+    rc.update(sns.axes_style(style))
+    rc.update(sns.plotting_context(context, font_scale=font_scale))
+    rc.update(_SAVE_RC)
+    rc.update({"figure.dpi": 100, "savefig.bbox": "tight", "savefig.pad_inches": 0.02,
+               "axes.titlesize": rc.get("axes.labelsize", 9.6)})
+    return rc
+
+
+@contextlib.contextmanager
+def plot_style(context: str = "paper", style: str = "ticks", font_scale: float = 1.0) -> Iterator[None]:
+    """Context manager: seaborn paper context and neurosem's save settings, restored on exit."""
+    import matplotlib
+
+    with matplotlib.rc_context(style_rc(context, style, font_scale)):
+        yield
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None,
+               squeeze: bool = True, **subplot_kw: Any) -> "tuple[Figure, Any]":
+    """A figure on the Agg canvas (no pyplot) and its axes, like ``plt.subplots``.
+
+    Returns ``(fig, axes)``: one ``Axes`` when ``squeeze`` and 1×1, else an array ``[nrows, ncols]``
+    (squeezed as ``plt.subplots`` does).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=squeeze, **subplot_kw)
+    return fig, axes
+
+
+def check_formats(formats: "Iterable[str] | str") -> tuple[str, ...]:
+    """Normalise ``"pdf,png"`` or ``("pdf", "png")`` into a tuple; unknown names are one error."""
+    if isinstance(formats, str):
+        formats = formats.split(",")
+    out: list[str] = []
+    for fmt in formats:
+        fmt = fmt.strip().lower().lstrip(".")
+        if fmt == "jpeg":
+            fmt = "jpg"
+        if not fmt:
+            continue
+        if fmt not in SUPPORTED_FORMATS:
+            raise NeurosemError(
+                f"unknown figure format {fmt!r}: use a comma-separated list of {', '.join(SUPPORTED_FORMATS)}")
+        if fmt not in out:
+            out.append(fmt)
+    if not out:
+        raise NeurosemError(f"no figure format given: use e.g. --formats {','.join(DEFAULT_FORMATS)}")
+    return tuple(out)
+
+
+def save_figure(fig: "Figure", path_without_suffix: "str | Path",
+                formats: "Sequence[str] | str" = DEFAULT_FORMATS, dpi: int = DEFAULT_DPI,
+                close: bool = False) -> list[Path]:
+    """Write ``fig`` as ``<path>.<fmt>`` for each format; returns the written paths.
+
+    PDF embeds TrueType fonts (``pdf.fonttype`` 42), PNG is rasterised at ``dpi`` (300 by default),
+    SVG keeps text as text. Parent folders are created. A suffix already on the path is replaced
+    (``figs/kl.pdf`` → ``figs/kl.png`` …). ``close=True`` frees the figure's memory afterwards.
+
+    Example:
+        >>> fig, ax = new_figure()
+        >>> save_figure(fig, "/tmp/x", "png", dpi=40)[0].suffix
+        '.png'
+    """
+    import matplotlib
+
+    formats = check_formats(formats)
+    base = Path(path_without_suffix)
+    if base.suffix.lower().lstrip(".") in SUPPORTED_FORMATS + ("jpeg",):
+        base = base.with_suffix("")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with matplotlib.rc_context(_SAVE_RC):
+        for fmt in formats:
+            out = base.with_name(base.name + "." + fmt)
+            tmp = out.with_name(out.name + ".tmp")
+            fig.savefig(tmp, format="jpeg" if fmt == "jpg" else fmt, dpi=dpi,
+                        metadata=_METADATA.get(fmt) or None, bbox_inches="tight", pad_inches=0.02)
+            tmp.replace(out)
+            written.append(out)
+    if close:
+        fig.clear()
+    return written
+
+
+def light_mask_cmap(color: str = "#ff3b30") -> Any:
+    """A colormap from transparent to ``color`` (alpha ramps up), for activation masks over images."""
+    import numpy as np
+    from matplotlib.colors import ListedColormap, to_rgb
+
+    r, g, b = to_rgb(color)
+    ramp = np.linspace(0.0, 1.0, 256)
+    colors = np.stack([np.full(256, r), np.full(256, g), np.full(256, b), ramp], axis=1)
+    return ListedColormap(colors, name="neurosem_mask")
+
+
+def category_palette(categories: Sequence[str]) -> dict[str, Any]:
+    """A fixed colour per dissection category (the six Broden categories keep their colours)."""
+    import seaborn as sns
+
+    known = ["object", "part", "scene", "material", "texture", "color"]
+    base = sns.color_palette("colorblind", 10)
+    pal: dict[str, Any] = {}
+    extra = iter(base[len(known):] + sns.color_palette("husl", max(1, len(categories))))
+    for cat in categories:
+        if cat in pal:
+            continue
+        pal[cat] = base[known.index(cat)] if cat in known else next(extra)
+    return pal
+
+
+def hide_ticks(ax: "Axes") -> None:
+    """Remove ticks and spines (image panels)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)

@@ -1,0 +1,367 @@
+"""The ``neurosem`` command line: one thin command per stage.
+
+Each command parses its options and calls one library function. torch and the stages are imported
+inside the commands, so ``neurosem --help`` is instant. A :class:`~neurosem.errors.NeurosemError`
+is printed as one ``error:`` line (exit status 2); Ctrl-C exits with 130 after the stage has saved
+what it computed.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Sequence
+
+import click
+
+from neurosem import __version__
+from neurosem.errors import NeurosemError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _split(values: Sequence[str]) -> list[str] | None:
+    """``--layers a,b --layers c`` -> ``['a', 'b', 'c']``; nothing given -> None (the defaults)."""
+    out = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    return out or None
+
+
+def _layers_option(f):
+    return click.option(
+        "--layers", "-l", multiple=True, metavar="NAMES",
+        help="Layers (dotted module names), comma-separated or repeated. "
+             "Default: the end of each block (ResNet: layer1..layer4). See `neurosem layers MODEL`.")(f)
+
+
+def _device_option(f):
+    return click.option("--device", default="auto", show_default=True,
+                        help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")(f)
+
+
+def _run_option(f):
+    return click.option("--run", "run", type=click.Path(file_okay=False), default=None,
+                        help="Run directory (default: runs/<model>, or the only run under runs/).")(f)
+
+
+def _weights_option(f):
+    return click.option(
+        "--weights", default="default", show_default=True,
+        help="`default` (torchvision's pretrained weights, from the torch cache), `none` (random "
+             "init) or a .pth file (a state dict or a checkpoint holding one).")(f)
+
+
+def _quiet_option(f):
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(f)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="neurosem")
+def cli() -> None:
+    """Explain trained vision networks neuron by neuron.
+
+    \b
+    The pipeline (every stage reads and writes one run directory, runs/<model>):
+      record   activations of chosen layers -> activations.h5
+      dissect  NetDissect IoU of every unit against every Broden concept -> dissect.h5, HTML
+      embed    a semantic vector per neuron (paper eq. 1) -> embedding.h5
+      kl, query, figures   analysis of the vectors
+      distill  static knowledge distillation of a teacher's vectors into a student
+
+    \b
+    Start with:  neurosem quickstart      (the whole pipeline on generated data, minutes on a CPU)
+    Check setup: neurosem doctor
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--out", type=click.Path(file_okay=False), default="runs/quickstart", show_default=True,
+              help="Where the data, the model and the run go.")
+@_device_option
+@click.option("--seed", default=0, show_default=True, help="Seed for the data, the model and the embedding.")
+@_quiet_option
+def quickstart(out: str, device: str, seed: int, quiet: bool) -> None:
+    """Run the whole pipeline on an embedded default, offline, in minutes.
+
+    Writes a synthetic Broden-format set, trains a small CNN on it, then records, dissects, embeds,
+    computes the KL curves, answers a neighbour and an additive query, and writes the figures and the
+    HTML report. Ends with where everything is and three findings you can check.
+
+    \b
+    Example:
+      neurosem quickstart --out runs/quickstart
+    """
+    from neurosem.quickstart import quickstart as run_quickstart
+
+    run_quickstart(out=out, device=device, seed=seed, progress=not quiet)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--fix", is_flag=True, help="Reinstall a matching torch/torchvision pair with pip when they do not fit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor(fix: bool, as_json: bool) -> None:
+    """Check the installation: versions, devices, torchvision, the torch cache.
+
+    Prints one line per check and a fix for each problem; exits 1 when something is broken.
+
+    \b
+    Example:
+      neurosem doctor
+    """
+    from neurosem.doctor import run_doctor
+
+    ok = run_doctor(fix=fix, as_json=as_json)
+    sys.exit(0 if ok else 1)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--input-size", default=224, show_default=True, help="Side of the square dummy input.")
+@click.option("--weights", default="none", show_default=True,
+              help="Weights to load (shapes do not depend on them): none, default or a .pth file.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def layers(model: str, input_size: int, weights: str, as_json: bool) -> None:
+    """List every layer of MODEL (dotted module name) with its output shape.
+
+    MODEL is a torchvision name (resnet18), a CIFAR zoo name (resnet8x4) or path/file.py:factory.
+    Layers marked * are the defaults.
+
+    \b
+    Example:
+      neurosem layers resnet18 --input-size 224
+    """
+    from neurosem.models import layer_table
+
+    click.echo(layer_table(model, input_size=input_size, weights=weights, as_json=as_json))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--data", required=True,
+              help="A Broden directory, a folder of images, or cifar100:ROOT.")
+@_layers_option
+@_run_option
+@_weights_option
+@click.option("--batch-size", "-b", default=64, show_default=True)
+@_device_option
+@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
+@click.option("--limit", type=int, default=None, help="Record only the first N images.")
+@click.option("--force", is_flag=True, help="Start over even if the run holds other activations.")
+@_quiet_option
+def record(model: str, data: str, layers: tuple[str, ...], run: str | None, weights: str, batch_size: int,
+           device: str, workers: int, limit: int | None, force: bool, quiet: bool) -> None:
+    """Record activations of MODEL on a dataset into RUN/activations.h5.
+
+    Broden images are fed at their stored size and normalised for the model. An interrupted run
+    (Ctrl-C, a kill) resumes when the same command is run again.
+
+    \b
+    Example:
+      neurosem record resnet18 --data data/broden1_224 --layers layer3,layer4
+    """
+    from neurosem.record import record as record_activations
+
+    path = record_activations(model, data, run=run, layers=_split(layers), weights=weights,
+                              batch_size=batch_size, device=device, force=force, limit=limit,
+                              num_workers=workers, progress=not quiet)
+    click.echo(f"activations: {path}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", required=False)
+@click.option("--broden", required=True, type=click.Path(), help="The Broden directory (e.g. data/broden1_224).")
+@_run_option
+@_layers_option
+@_weights_option
+@click.option("--quantile", default=0.005, show_default=True, help="Top quantile q: the threshold is the 1-q quantile.")
+@click.option("--iou-threshold", default=0.04, show_default=True, help="A unit is interpretable at IoU >= this.")
+@click.option("--categories", multiple=True, metavar="NAMES", help="Only these categories (comma-separated).")
+@click.option("--batch-size", "-b", default=64, show_default=True)
+@_device_option
+@_quiet_option
+def dissect(model: str | None, broden: str, run: str | None, layers: tuple[str, ...], weights: str,
+            quantile: float, iou_threshold: float, categories: tuple[str, ...], batch_size: int,
+            device: str, quiet: bool) -> None:
+    """NetDissect: IoU of every unit against every Broden concept.
+
+    Records the activations first when the run has none. Writes dissect.h5, dissect/<layer>.csv,
+    dissect/summary.json, dissect/index.html and a summary figure.
+
+    \b
+    Example:
+      neurosem dissect resnet18 --broden data/broden1_224 --layers layer4
+    """
+    from neurosem.dissect import dissect as run_dissect
+
+    result = run_dissect(run=run, broden=broden, model=model, layers=_split(layers), quantile=quantile,
+                         iou_threshold=iou_threshold, categories=_split(categories), device=device,
+                         batch_size=batch_size, weights=weights, progress=not quiet)
+    click.echo(str(result))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", required=False)
+@click.option("--data", default=None, help="A folder of images, a Broden directory or cifar100:ROOT.")
+@click.option("--broden", default=None, type=click.Path(), help="A Broden directory (same as --data).")
+@_run_option
+@_layers_option
+@_weights_option
+@click.option("--dim", default=16, show_default=True, help="Dimension K of the semantic vectors.")
+@click.option("--trainer", type=click.Choice(["fit", "paper"]), default="fit", show_default=True,
+              help="fit: exact, one data pass then a full-batch fit; paper: the paper's SGD protocol.")
+@click.option("--epochs", default=100, show_default=True, help="Epochs of the paper trainer.")
+@click.option("--batch-size", "-b", default=64, show_default=True)
+@click.option("--lr", default=0.1, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True,
+              help="τ dividing the cosines before both softmaxes (1 = the paper's formula).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--no-store", is_flag=True, help="Stream through the model without writing activations.h5.")
+@_device_option
+@_quiet_option
+def embed(model: str | None, data: str | None, broden: str | None, run: str | None, layers: tuple[str, ...],
+          weights: str, dim: int, trainer: str, epochs: int, batch_size: int, lr: float, temperature: float,
+          seed: int, no_store: bool, device: str, quiet: bool) -> None:
+    """Learn a semantic vector per neuron (paper eq. 1) -> RUN/embedding.h5.
+
+    Uses the run's stored activations when they match, records them otherwise.
+
+    \b
+    Example:
+      neurosem embed resnet18 --broden data/broden1_224 --dim 16
+    """
+    from neurosem.embed import embed as run_embed
+
+    if data and broden and data != broden:
+        raise click.UsageError("give --data or --broden, not both")
+    path = run_embed(model=model, data=data or broden, run=run, layers=_split(layers), dim=dim, trainer=trainer,
+                     epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature, seed=seed,
+                     device=device, no_store=no_store, weights=weights, progress=not quiet)
+    click.echo(f"embedding: {path}")
+
+
+@cli.command(context_settings=CONTEXT)
+@_run_option
+@click.option("--layer", default=None, help="Plot only this layer.")
+@click.option("--json", "as_json", is_flag=True, help="Print the curves as JSON.")
+def kl(run: str | None, layer: str | None, as_json: bool) -> None:
+    """KL between the IoU-vector and semantic-vector similarities (paper Fig. 4).
+
+    For every saved snapshot of the embedding, with a random baseline and an upper bound.
+    Writes kl.json, kl.csv and figures/kl_curves.*.
+
+    \b
+    Example:
+      neurosem kl --run runs/resnet18
+    """
+    from neurosem.analysis.kl import kl_report
+
+    click.echo(kl_report(run=run, layer=layer, as_json=as_json))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--neuron", "-n", required=True, help="The query unit, LAYER:INDEX (e.g. layer4:312).")
+@click.option("--add", multiple=True, metavar="ID", help="Add this unit's vector (repeatable).")
+@click.option("--sub", multiple=True, metavar="ID", help="Subtract this unit's vector (repeatable).")
+@click.option("-k", default=5, show_default=True, help="How many neighbours.")
+@_run_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--figure", type=click.Path(dir_okay=False), default=None,
+              help="Also draw the units' activation masks into this file (.pdf/.png/.svg).")
+def query(neuron: str, add: tuple[str, ...], sub: tuple[str, ...], k: int, run: str | None, as_json: bool,
+          figure: str | None) -> None:
+    """Nearest units to a neuron, or to a sum of neurons, by semantic-vector cosine.
+
+    \b
+    Examples:
+      neurosem query --neuron layer4:312 -k 5
+      neurosem query --neuron layer4:312 --add layer4:77 --json
+    """
+    from neurosem.analysis.query import query_report
+
+    click.echo(query_report(run=run, neuron=neuron, add=_split(add) or (), sub=_split(sub) or (), k=k,
+                            as_json=as_json, figure=figure))
+
+
+@cli.command(context_settings=CONTEXT)
+@_run_option
+@click.option("--formats", default="pdf,png,svg", show_default=True, help="Comma-separated file formats.")
+def figures(run: str | None, formats: str) -> None:
+    """Draw the paper's figures for a run into RUN/figures (PDF, PNG at 300 dpi, SVG).
+
+    \b
+    Example:
+      neurosem figures --run runs/resnet18 --formats pdf,png
+    """
+    from neurosem.analysis.figures import make_figures
+
+    for path in make_figures(run, formats=tuple(_split([formats]) or ("pdf", "png", "svg"))):
+        click.echo(str(path))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--teacher", default=None, help="Teacher model (zoo name); not run for skd.")
+@click.option("--student", required=True, help="Student model (zoo name, e.g. resnet8x4).")
+@click.option("--method", type=click.Choice(["skd", "skd-random", "kd", "fitnet", "at", "sp", "cc", "rkd", "pkt", "ce"]),
+              default="skd", show_default=True)
+@click.option("--data", required=True, help="cifar100:ROOT (a folder holding cifar-100-python/).")
+@click.option("--protocol", type=click.Choice(["paper", "crd"]), default="paper", show_default=True)
+@click.option("--epochs", type=int, default=None, help="Override the protocol's epochs.")
+@click.option("--beta", type=float, default=None, help="Weight of the distillation loss (SKD: 0.5).")
+@click.option("--temperature", default=1.0, show_default=True, help="SKD's τ dividing the cosines.")
+@click.option("--teacher-weights", default=None, type=click.Path(dir_okay=False), help="Teacher checkpoint (.pth).")
+@click.option("--teacher-vectors", default=None, type=click.Path(),
+              help="The teacher's embedding.h5 or its run directory (for skd).")
+@click.option("--batch-size", "-b", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@_run_option
+@_device_option
+@_quiet_option
+def distill(teacher: str | None, student: str, method: str, data: str, protocol: str, epochs: int | None,
+            beta: float | None, temperature: float, teacher_weights: str | None, teacher_vectors: str | None,
+            batch_size: int | None, lr: float | None, seed: int, workers: int, run: str | None, device: str,
+            quiet: bool) -> None:
+    """Train a student with static knowledge distillation (paper eq. 2) or a baseline.
+
+    SKD needs only the teacher's vectors (neurosem embed TEACHER --data cifar100:ROOT); the
+    teacher never runs. Checkpoints every epoch and resumes after an interruption.
+
+    \b
+    Example:
+      neurosem distill --teacher resnet32x4 --student resnet8x4 --method skd \\
+          --teacher-vectors runs/resnet32x4 --data cifar100:data/cifar
+    """
+    from neurosem.distill.train import distill as run_distill
+
+    result = run_distill(teacher=teacher, student=student, method=method, data=data, protocol=protocol,
+                         epochs=epochs, seed=seed, device=device, run=run, beta=beta, temperature=temperature,
+                         teacher_weights=teacher_weights, teacher_vectors=teacher_vectors,
+                         batch_size=batch_size, lr=lr, num_workers=workers, progress=not quiet)
+    click.echo(json.dumps({k: result[k] for k in ("final_acc", "best_acc", "results_path") if k in result}))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``neurosem`` script."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="neurosem", standalone_mode=False)
+    except NeurosemError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted: what was computed is saved; run the same command again to resume", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - last line of defence: stay one line, point at --debug
+        import os
+
+        if os.environ.get("NEUROSEM_DEBUG"):
+            raise
+        click.echo(f"error: {type(exc).__name__}: {exc} (set NEUROSEM_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
