@@ -11,8 +11,14 @@ class NeurosemError(Exception):
     """An error the user can fix; ``str(err)`` is one line that says how."""
 
     def __init__(self, message: str) -> None:
+        text = str(message)
+        if text.startswith("Caught ") and "Original Traceback" in text:
+            # Re-raised by a torch DataLoader worker with the worker's traceback attached:
+            # keep the original one-line message (the traceback's last line, "pkg.Error: msg").
+            last = text.rstrip().splitlines()[-1]
+            text = last.split(": ", 1)[1] if ": " in last else last
         # Keep the message on one line: the CLI prints it as is.
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(" ".join(text.split()))
 
 
 class DataError(NeurosemError):
