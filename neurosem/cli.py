@@ -114,11 +114,12 @@ def doctor(fix: bool, as_json: bool) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model")
-@click.option("--input-size", default=224, show_default=True, help="Side of the square dummy input.")
+@click.option("--input-size", type=int, default=None,
+              help="Side of the square dummy input (default: the model's own, 224 or 32 for the CIFAR zoo).")
 @click.option("--weights", default="none", show_default=True,
               help="Weights to load (shapes do not depend on them): none, default or a .pth file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def layers(model: str, input_size: int, weights: str, as_json: bool) -> None:
+def layers(model: str, input_size: int | None, weights: str, as_json: bool) -> None:
     """List every layer of MODEL (dotted module name) with its output shape.
 
     MODEL is a torchvision name (resnet18), a CIFAR zoo name (resnet8x4) or path/file.py:factory.

@@ -1,0 +1,254 @@
+"""Model registry: specs, weights files, the torch hub cache, default layers, layer listing."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from neurosem.errors import NeurosemError
+from neurosem.models import (IMAGENET_MEAN, check_layers, default_layers, extract_state_dict, list_layers,
+                             load_model)
+
+PLANTED = Path(__file__).parent / "_planted.py"
+sys.path.insert(0, str(Path(__file__).parent))
+from _planted import SharedReLU, TinyCNN  # noqa: E402
+
+
+def _same_params(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---------------------------------------------------------------- user factories
+def test_file_factory():
+    lm = load_model(f"{PLANTED}:tiny_cnn")
+    assert type(lm.model).__name__ == "TinyCNN" and not lm.model.training
+    assert _same_params(lm.model, TinyCNN())
+    assert lm.weights == "factory" and lm.mean == IMAGENET_MEAN and lm.input_size == (3, 224, 224)
+    assert lm.default_layers == ["layer1", "layer2"]  # children named layerN
+
+
+def test_module_factory():
+    lm = load_model("_planted:tiny_cnn")  # tests/ is on sys.path
+    assert _same_params(lm.model, TinyCNN())
+
+
+def test_factory_errors(tmp_path):
+    with pytest.raises(NeurosemError, match="model file .*missing.py not found"):
+        load_model(f"{tmp_path}/missing.py:make")
+    with pytest.raises(NeurosemError, match=r"'tiny_cn' is not defined .*closest: tiny_cnn"):
+        load_model(f"{PLANTED}:tiny_cn")
+    with pytest.raises(NeurosemError, match=r"not_a_module\(\) returned str, not a torch.nn.Module"):
+        load_model(f"{PLANTED}:not_a_module")
+    with pytest.raises(NeurosemError, match="cannot import module 'no_such_pkg.models'"):
+        load_model("no_such_pkg.models:make")
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise ValueError('bad user code')\n")
+    with pytest.raises(NeurosemError, match="importing .*broken.py failed: ValueError: bad user code"):
+        load_model(f"{broken}:make")
+
+
+def test_factory_for_a_32px_model(tmp_path):
+    """A model whose classifier only fits 32x32 inputs: the probe falls back to 32x32."""
+    src = tmp_path / "cifar_net.py"
+    src.write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),\n"
+        "                         nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10))\n")
+    lm = load_model(f"{src}:make")
+    assert lm.input_size == (3, 32, 32) and lm.default_layers == ["1", "4"]
+
+
+def test_factory_weights_none_reinitialises_loudly(capsys):
+    lm = load_model(f"{PLANTED}:tiny_cnn", weights="none")
+    assert lm.weights == "none"
+    assert not _same_params(lm.model, TinyCNN())
+    assert "RANDOM weights" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- weights files
+def test_state_dict_file(tmp_path):
+    src = TinyCNN(seed=3)
+    path = tmp_path / "w.pth"
+    torch.save(src.state_dict(), path)
+    lm = load_model(f"{PLANTED}:tiny_cnn", weights=str(path))
+    assert _same_params(lm.model, src)
+    assert lm.weights.startswith(f"file:{path.resolve()}#") and len(lm.weights.rsplit("#", 1)[1]) == 16
+
+
+def test_checkpoint_with_state_dict_and_module_prefix(tmp_path):
+    src = TinyCNN(seed=4)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 7, "best_acc": 0.5,
+                "state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
+    lm = load_model(f"{PLANTED}:tiny_cnn", weights=str(path))
+    assert _same_params(lm.model, src)
+    # RepDistiller-style {'model': state_dict}
+    torch.save({"model": src.state_dict(), "epoch": 1}, path)
+    assert _same_params(load_model(f"{PLANTED}:tiny_cnn", weights=str(path)).model, src)
+
+
+def test_extract_state_dict_rejects_dicts_without_one():
+    with pytest.raises(NeurosemError, match="holds no state dict .*epoch"):
+        extract_state_dict({"epoch": 3, "acc": 0.1})
+
+
+def test_mismatched_weights_name_keys(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save(SharedReLU().state_dict(), path)
+    with pytest.raises(NeurosemError) as err:
+        load_model(f"{PLANTED}:tiny_cnn", weights=str(path))
+    msg = str(err.value)
+    assert "missing keys (conv1.weight" not in msg  # conv1 exists in both
+    assert "bn1.weight" in msg and "unexpected keys (conv2.weight" in msg and "\n" not in msg
+    torch.save(TinyCNN(num_classes=7).state_dict(), path)
+    with pytest.raises(NeurosemError, match=r"shape mismatches \(fc.weight \(7, 8\) vs \(5, 8\)"):
+        load_model(f"{PLANTED}:tiny_cnn", weights=str(path))
+    with pytest.raises(NeurosemError, match="weights file .*nope.pth not found"):
+        load_model(f"{PLANTED}:tiny_cnn", weights=str(tmp_path / "nope.pth"))
+
+
+# ---------------------------------------------------------------- torchvision
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch):
+    """An empty torch hub cache and no network: a download attempt fails like offline."""
+    import urllib.error
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+
+    def offline(url, dst, *a, **k):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return tmp_path / "hub" / "checkpoints"
+
+
+def test_torchvision_none_default_layers_and_warning(capsys):
+    lm = load_model("resnet18", weights="none")
+    assert lm.default_layers == ["layer1", "layer2", "layer3", "layer4"]
+    assert lm.weights == "none" and lm.input_size == (3, 224, 224)
+    assert lm.mean == (0.485, 0.456, 0.406) and lm.std == (0.229, 0.224, 0.225)
+    assert "RANDOM weights" in capsys.readouterr().err
+
+
+def test_default_weights_from_cache(hub_dir):
+    import torchvision
+
+    src = torchvision.models.resnet18()
+    hub_dir.mkdir(parents=True)
+    torch.save(src.state_dict(), hub_dir / "resnet18-f37072fd.pth")
+    lm = load_model("resnet18")
+    assert lm.weights == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    assert _same_params(lm.model, src)
+
+
+def test_default_weights_missing_names_file_and_cache(hub_dir):
+    with pytest.raises(NeurosemError) as err:
+        load_model("resnet18")
+    msg = str(err.value)
+    assert "put resnet18-f37072fd.pth into" in msg and str(hub_dir) in msg and "\n" not in msg
+
+
+def test_unknown_model_suggests_names():
+    with pytest.raises(NeurosemError, match=r"unknown model 'resnet81' \(closest: .*resnet18"):
+        load_model("resnet81", weights="none")
+
+
+def test_torchvision_import_failure_points_to_doctor(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    with pytest.raises(NeurosemError, match="torchvision does not import .*neurosem doctor"):
+        load_model("resnet18", weights="none")
+
+
+def test_list_layers_resnet18_64px():
+    import torchvision
+
+    layers = dict(list_layers(torchvision.models.resnet18(), (3, 64, 64)))
+    assert layers["conv1"] == (64, 32, 32)
+    assert layers["maxpool"] == (64, 16, 16)
+    assert layers["layer1"] == (64, 16, 16)
+    assert layers["layer1.0.conv2"] == (64, 16, 16)
+    assert layers["layer2"] == (128, 8, 8)
+    assert layers["layer2.0.downsample"] == (128, 8, 8)
+    assert layers["layer3"] == (256, 4, 4)
+    assert layers["layer4"] == (512, 2, 2)
+    assert layers["avgpool"] == (512, 1, 1)
+    assert layers["fc"] == (1000,)
+    assert "" not in layers and len(layers) == 67  # every named module of resnet18 runs
+
+
+def test_check_layers_suggests_close_names():
+    import torchvision
+
+    m = torchvision.models.resnet18()
+    assert check_layers(m, ["layer4", "layer1.0.conv1"]) == ["layer4", "layer1.0.conv1"]
+    with pytest.raises(NeurosemError, match=r"unknown layer 'layr4' \(closest: layer4"):
+        check_layers(m, ["layr4"])
+    with pytest.raises(NeurosemError, match=r"'layer4.1.conv3' \(closest: layer4.1.conv2, layer4.1.conv1"):
+        check_layers(m, ["layer4.1.conv3"])
+    with pytest.raises(NeurosemError, match="given twice"):
+        check_layers(m, ["layer4", "layer4"])
+
+
+# ---------------------------------------------------------------- default-layer rules
+def _vgg_like() -> nn.Module:
+    m = nn.Module()
+    m.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                               nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                               nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+    m.forward = lambda x: m.features(x)
+    return m
+
+
+def test_default_layer_rules():
+    assert default_layers(_vgg_like(), (3, 16, 16)) == ["features.1", "features.4", "features.7"]
+    dense = nn.Module()
+    dense.features = nn.Sequential()
+    dense.features.add_module("conv0", nn.Conv2d(3, 4, 1))
+    dense.features.add_module("denseblock1", nn.Identity())
+    dense.features.add_module("denseblock2", nn.Identity())
+    assert default_layers(dense) == ["features.denseblock1", "features.denseblock2"]
+    # generic rule: an nn.Sequential trunk with several sizes is expanded
+    net = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU()),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    assert default_layers(net, (3, 8, 8)) == ["0.1", "0.3"]
+
+
+def test_zoo_models_and_ambiguous_names(capsys):
+    from neurosem.distill.zoo import ALIGNED_LAYERS
+
+    lm = load_model("resnet8x4", weights="none")
+    assert lm.default_layers == ALIGNED_LAYERS["resnet8x4"] and lm.input_size == (3, 32, 32)
+    assert lm.spec == "resnet8x4"
+    cifar = load_model("zoo:vgg13", weights="none")
+    assert cifar.spec == "zoo:vgg13" and cifar.default_layers == ALIGNED_LAYERS["vgg13"]
+    with pytest.raises(NeurosemError, match="no default weights"):
+        load_model("resnet8x4")
+
+
+def test_zoo_absent_is_handled(monkeypatch):
+    monkeypatch.setitem(sys.modules, "neurosem.distill.zoo", None)
+    with pytest.raises(NeurosemError, match="not in the CIFAR zoo .*not available"):
+        load_model("zoo:resnet8x4", weights="none")
+    with pytest.raises(NeurosemError, match="unknown model 'resnet8x4'"):
+        load_model("resnet8x4", weights="none")
+
+
+def test_layer_table(capsys):
+    import json
+
+    from neurosem.models import layer_table
+
+    text = layer_table(f"{PLANTED}:tiny_cnn", 16, weights="none")
+    lines = text.splitlines()
+    assert lines[0] == f"{PLANTED}:tiny_cnn (input 3x16x16; * = default layers)"
+    assert "* layer1    6 x 8 x 8" in lines and "  conv1     4 x 16 x 16" in lines and "  fc        5" in lines
+    assert "RANDOM" not in capsys.readouterr().err  # listing layers needs no warning
+    data = json.loads(layer_table(f"{PLANTED}:tiny_cnn", (3, 8, 8), as_json=True))
+    assert data["input_size"] == [3, 8, 8]
+    assert {"name": "layer2", "shape": [8, 2, 2], "default": True} in data["layers"]
