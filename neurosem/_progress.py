@@ -15,5 +15,9 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "",
         return
     from tqdm.auto import tqdm
 
-    with tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False) as bar:
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    # One explicit iterator: handing tqdm a DataLoader lets it start a second one (a second
+    # shuffle draw and a second set of workers), which would make results depend on the bar.
+    with tqdm(iter(iterable), total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False) as bar:
         yield from bar

@@ -49,8 +49,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+# The CRD/RepDistiller statistics, the ones the zoo's training uses (one definition, in data.cifar).
+from neurosem.data.cifar import CIFAR100_MEAN, CIFAR100_STD  # noqa: E402
 _STATE_KEYS = ("state_dict", "model", "net", "model_state_dict")
 
 

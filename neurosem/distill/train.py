@@ -1,0 +1,445 @@
+"""Training a CIFAR student: static knowledge distillation (paper eq. 2), the CRD baselines, or
+plain cross-entropy (``method="ce"``, also how teachers are trained).
+
+Protocols (SGD with momentum 0.9 and weight decay 5e-4, batch 64, the LR multiplied by 0.1 at
+the milestones):
+
+- ``paper``: lr 0.1, 100 epochs, milestones 50/75/90 (the paper, Sec. 3.1; it does not state the
+  momentum, 0.9 is used as in CRD);
+- ``crd``: lr 0.05, 240 epochs, milestones 150/180/210 (RepDistiller's ``train_student.py``).
+
+``epochs=`` shortens a protocol; its milestones scale with it (``round(m * epochs / E)``).
+
+Loss (see :mod:`neurosem.distill.losses` for each formula and :data:`~.losses.WEIGHTS`):
+``ce``: CE; ``kd``: 0.1 CE + 0.9 KD (T = 4); ``skd``/``skd-random``: CE + beta L_SKD (beta 0.5,
+0.05 for vgg13 -> vgg8); feature/relation methods: CE + beta L_method with CRD's beta and no KD
+term (RepDistiller's ``-a 0``). ``beta=`` overrides beta (for ``kd``: the KD weight).
+
+SKD never builds or runs the teacher: it needs only the teacher's vectors (``embedding.h5``).
+Every epoch writes ``checkpoint.pt`` (model, optimiser, scheduler, epoch, history, RNG states)
+and ``distill.json`` (the results so far) in the run directory; running the same command again
+resumes from the last completed epoch. Each epoch reseeds every RNG from ``(seed, epoch)``, so an
+interrupted and resumed run ends in the same state as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neurosem.distill import zoo
+from neurosem.distill.distiller import METHODS, TEACHER_METHODS, build_distiller, zoo_widths
+from neurosem.errors import NeurosemError, RunMismatchError
+
+CHECKPOINT = "checkpoint.pt"
+RESULTS = "distill.json"
+WEIGHTS = "weights.pth"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """SGD schedule: ``lr`` multiplied by ``lr_decay`` at each of ``milestones`` (epochs)."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    epochs: int
+    milestones: tuple[int, ...]
+    lr_decay: float = 0.1
+
+    def scaled(self, epochs: int | None) -> "Protocol":
+        """The same protocol over ``epochs`` epochs, milestones scaled proportionally."""
+        if epochs is None or epochs == self.epochs:
+            return self
+        if epochs < 1:
+            raise NeurosemError(f"--epochs must be at least 1, got {epochs}")
+        ms = tuple(int(round(m * epochs / self.epochs)) for m in self.milestones)
+        return Protocol(self.lr, self.momentum, self.weight_decay, self.batch_size, epochs, ms, self.lr_decay)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "paper": Protocol(lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=64, epochs=100,
+                      milestones=(50, 75, 90)),
+    "crd": Protocol(lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64, epochs=240,
+                    milestones=(150, 180, 210)),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# teacher vectors
+
+def load_teacher_vectors(teacher_vectors: str | Path | None, teacher: str | None, student: str,
+                         student_widths: Sequence[int]) -> tuple[list[torch.Tensor], list[str], Path]:
+    """The teacher's S ``[C, K]`` per aligned layer, checked against the student's widths.
+
+    ``teacher_vectors``: an ``embedding.h5`` or a run directory (default: ``runs/<teacher>``).
+    Teacher layers: ``ALIGNED_LAYERS[teacher]``, or the embedding's layers when no teacher is named.
+    Returns ``(vectors, teacher_layers, embedding_path)``.
+    """
+    from neurosem.embed import load_embedding
+    from neurosem.run import RunDir, resolve_run
+
+    s_layers = zoo.ALIGNED_LAYERS[student]
+    if teacher_vectors is None:
+        if teacher is None:
+            raise NeurosemError("skd needs the teacher's vectors: pass --teacher-vectors (an embedding.h5 or "
+                                "the teacher's run directory) or --teacher to use runs/<teacher>")
+        teacher_vectors = resolve_run(None, model=teacher).path
+    p = Path(teacher_vectors)
+    path = p if p.suffix in (".h5", ".hdf5") or p.is_file() else RunDir(p).embedding
+    t_layers_hint = ",".join(zoo.ALIGNED_LAYERS.get(teacher or "", [])) or "STAGE_ENDS"
+    if not path.exists():
+        raise NeurosemError(
+            f"no teacher vectors at {path}: run `neurosem embed {teacher or 'TEACHER'} --weights TEACHER.pth "
+            f"--data cifar100:ROOT --layers {t_layers_hint} --run {path.parent}` first, or pass --teacher-vectors")
+    emb = load_embedding(path)
+    t_layers = list(zoo.ALIGNED_LAYERS[teacher]) if teacher in zoo.ALIGNED_LAYERS else list(emb.layers)
+    if len(t_layers) != len(s_layers):
+        raise NeurosemError(f"teacher layers {', '.join(t_layers)} and student {student} layers "
+                            f"{', '.join(s_layers)} differ in number; SKD aligns them one to one")
+    missing = [t for t in t_layers if t not in emb.layers]
+    if missing:
+        raise NeurosemError(f"{path} has no vectors for teacher layer(s) {', '.join(missing)} (it holds "
+                            f"{', '.join(emb.layers)}); re-run `neurosem embed` with --layers {','.join(t_layers)}")
+    vectors = []
+    for t, s, width in zip(t_layers, s_layers, student_widths):
+        v = torch.as_tensor(np.asarray(emb.vectors(t), dtype=np.float32))
+        if v.shape[0] != width:
+            raise NeurosemError(f"teacher layer {t} has {v.shape[0]} vectors but student layer {s} has "
+                                f"{width} channels: SKD needs equal widths per aligned layer "
+                                f"(e.g. resnet32x4 -> resnet8x4, wrn_40_2 -> wrn_16_2)")
+        vectors.append(v)
+    return vectors, t_layers, path
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+def _datasets(data: str) -> tuple[Any, Any, str]:
+    from neurosem.data.cifar import (cifar_dataset, cifar_test_transform, cifar_train_transform,
+                                     parse_cifar_spec)
+
+    name, root, train = parse_cifar_spec(data)
+    if not train:
+        raise NeurosemError(f"--data {data}: give the training set ({name}:ROOT); the test split is "
+                            "used for evaluation automatically")
+    train_ds = cifar_dataset(root, name, train=True, transform=cifar_train_transform())
+    test_ds = cifar_dataset(root, name, train=False, transform=cifar_test_transform())
+    return train_ds, test_ds, name
+
+
+def _collate(items: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.stack([it["image"] for it in items]),
+            torch.tensor([it["label"] for it in items], dtype=torch.long))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2 ** 31)
+
+
+def _seed_all(s: int) -> torch.Generator:
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+    return torch.Generator().manual_seed(s)
+
+
+def evaluate(model: nn.Module, loader: Any, device: torch.device) -> tuple[float, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` over ``loader``."""
+    was_training = model.training
+    model.eval()
+    correct, total, loss = 0, 0, 0.0
+    with torch.inference_mode():
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            logits = model(x)
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            total += int(y.numel())
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1), loss / max(total, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _config_diff(saved: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(asked))
+    return [f"{k}={saved.get(k)!r} (asked {asked.get(k)!r})" for k in keys if saved.get(k) != asked.get(k)]
+
+
+def _default_run(student: str, method: str, teacher: str | None, seed: int) -> Path:
+    from neurosem.run import RUNS_ROOT, default_run_name
+
+    parts = [student, method] + ([teacher] if teacher and method != "ce" else []) + [f"s{seed}"]
+    return RUNS_ROOT / default_run_name("-".join(parts))
+
+
+def _abs(p: str | Path | None) -> str | None:
+    return None if p is None else str(Path(p).expanduser().resolve())
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage
+
+def distill(teacher: str | None = None, student: str = "resnet8x4", method: str = "skd",
+            data: str = "cifar100:data", protocol: str = "paper", epochs: int | None = None,
+            seed: int = 0, device: str = "auto", run: str | Path | None = None,
+            beta: float | None = None, temperature: float = 1.0,
+            teacher_weights: str | Path | None = None, teacher_vectors: str | Path | None = None,
+            batch_size: int | None = None, lr: float | None = None, num_workers: int = 2,
+            progress: bool = True) -> dict[str, Any]:
+    """Train ``student`` on CIFAR with ``method``; returns the results (also in ``<run>/distill.json``).
+
+    Results: ``test_acc`` per epoch (top-1, %), ``final_acc``, ``best_acc``, ``best_epoch``,
+    ``epoch_time`` (training seconds per epoch), ``teacher_acc`` (baselines), the config, and the
+    paths of the results, the checkpoint and the final student weights (``weights.pth``, a state
+    dict that ``--weights`` loads).
+
+    Example:
+        >>> distill(teacher="resnet32x4", student="resnet8x4", method="skd",
+        ...         data="cifar100:data/cifar", teacher_vectors="runs/resnet32x4")  # doctest: +SKIP
+        {'final_acc': 72.9, ...}
+    """
+    from neurosem._device import resolve_device
+    from neurosem._progress import progress as bar
+    from neurosem.run import RunDir
+
+    if method not in METHODS:
+        raise NeurosemError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if protocol not in PROTOCOLS:
+        raise NeurosemError(f"unknown protocol {protocol!r}: choose paper or crd")
+    if temperature <= 0:
+        raise NeurosemError(f"--temperature must be > 0, got {temperature}")
+    for name in (student, teacher):
+        if name is not None and name not in zoo.ZOO:
+            zoo.build(name)  # raises the one-line "unknown model, did you mean" error
+    if method in TEACHER_METHODS:
+        if teacher is None:
+            raise NeurosemError(f"--method {method} runs a teacher: pass --teacher MODEL and --teacher-weights FILE")
+        if teacher_weights is None:
+            raise NeurosemError(
+                f"--method {method} runs the teacher {teacher}: pass --teacher-weights FILE (train one with "
+                f"`neurosem distill --method ce --student {teacher} --data {data}`)")
+    if method == "ce":
+        teacher = None
+    proto = PROTOCOLS[protocol].scaled(epochs)
+    bs = int(batch_size or proto.batch_size)
+    base_lr = float(lr if lr is not None else proto.lr)
+
+    dev = resolve_device(device)
+    train_ds, test_ds, data_name = _datasets(data)
+    num_classes = train_ds.num_classes
+    rd = RunDir(Path(run) if run is not None else _default_run(student, method, teacher, seed)).ensure()
+    ckpt_path, results_path, weights_path = rd.path / CHECKPOINT, rd.path / RESULTS, rd.path / WEIGHTS
+
+    # -- the student, the loss and (baselines only) the teacher
+    vectors, t_layers, emb_path = None, None, None
+    if method == "skd" or (method == "skd-random" and teacher_vectors is not None):
+        widths = [zoo_widths(student)[l] for l in zoo.ALIGNED_LAYERS[student]]
+        vectors, t_layers, emb_path = load_teacher_vectors(teacher_vectors, teacher, student, widths)
+    teacher_model = None
+    if method in TEACHER_METHODS:
+        from neurosem.models import load_weights_file
+
+        teacher_model = zoo.build(teacher, num_classes=num_classes)  # type: ignore[arg-type]
+        load_weights_file(teacher_model, teacher_weights)  # type: ignore[arg-type]
+        teacher_model.eval()
+    dist = build_distiller(method, student, teacher, num_classes=num_classes, vectors=vectors,
+                           teacher_model=teacher_model, beta=beta, temperature=temperature, seed=seed)
+    dist.to(dev)
+
+    config = {
+        "teacher": teacher, "student": student, "method": method, "protocol": protocol,
+        "epochs": proto.epochs, "milestones": list(proto.milestones), "lr": base_lr,
+        "momentum": proto.momentum, "weight_decay": proto.weight_decay, "batch_size": bs,
+        "seed": int(seed), "weights": asdict(dist.weights),
+        "temperature": float(temperature) if method in ("skd", "skd-random") else None,
+        "data": f"{data_name}:{_abs(train_ds.root)}", "num_classes": num_classes,
+        "teacher_weights": _abs(teacher_weights) if method in TEACHER_METHODS else None,
+        "teacher_vectors": str(Path(emb_path).resolve()) if emb_path else None,
+        "teacher_layers": t_layers, "student_layers": list(dist.s_taps.keys()),
+    }
+    params = list(dist.parameters())
+    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=proto.momentum, weight_decay=proto.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(proto.milestones),
+                                                     gamma=proto.lr_decay)
+    history: dict[str, list[float]] = {k: [] for k in (
+        "epoch", "lr", "train_loss", "train_acc", "test_acc", "test_loss", "epoch_time", "eval_time")}
+    history.update({f"train_{k}": [] for k in _part_names(method)})
+    start_epoch, teacher_acc = 0, None
+
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        diff = _config_diff(state.get("config", {}), config)
+        if diff:
+            raise RunMismatchError(f"{rd.path} holds a distill run made with other arguments: {'; '.join(diff[:3])}; "
+                                   "pass another --run or delete its checkpoint.pt")
+        dist.student.load_state_dict(state["model"])
+        if dist.criterion is not None:
+            dist.criterion.load_state_dict(state["criterion"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = state["history"]
+        start_epoch = int(state["epoch"])
+        teacher_acc = state.get("teacher_acc")
+        _set_rng_state(state["rng"])
+        if progress and start_epoch < proto.epochs:
+            print(f"resuming {rd.path} after epoch {start_epoch}/{proto.epochs}", file=sys.stderr)
+
+    pin = dev.type == "cuda"
+    if pin:
+        torch.backends.cudnn.benchmark = True   # as the CRD code; CUDA runs are not bit-reproducible
+    gen = torch.Generator()
+    train_loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=bs, shuffle=True, num_workers=num_workers, collate_fn=_collate,
+        pin_memory=pin, generator=gen, drop_last=False)
+    test_loader = torch.utils.data.DataLoader(
+        test_ds, batch_size=max(bs, 256), shuffle=False, num_workers=num_workers, collate_fn=_collate,
+        pin_memory=pin)
+    if teacher_model is not None and teacher_acc is None:
+        teacher_acc, _ = evaluate(teacher_model, test_loader, dev)
+
+    def results(status: str) -> dict[str, Any]:
+        acc = history["test_acc"]
+        best = int(np.argmax(acc)) if acc else None
+        return {
+            "status": status, "run": str(rd.path), "config": config,
+            "data": {"reader": train_ds.reader, "verified": train_ds.verified,
+                     "n_train": len(train_ds), "n_test": len(test_ds)},
+            "device": str(dev), "epochs_done": len(acc), "history": history,
+            "test_acc": list(acc), "epoch_time": list(history["epoch_time"]),
+            "final_acc": acc[-1] if acc else None,
+            "best_acc": acc[best] if best is not None else None,
+            "best_epoch": history["epoch"][best] if best is not None else None,
+            "mean_epoch_time": float(np.mean(history["epoch_time"])) if acc else None,
+            "teacher_acc": teacher_acc,
+            "results_path": str(results_path), "checkpoint_path": str(ckpt_path),
+            "weights_path": str(weights_path) if status == "complete" else None,
+        }
+
+    rd.update_meta("distill", {k: v for k, v in config.items()})
+    with dist.hooked():
+        for epoch in range(start_epoch, proto.epochs):
+            es = _epoch_seed(seed, epoch)
+            _seed_all(es)
+            gen.manual_seed(es)
+            dist.train()
+            names = ["loss"] + _part_names(method)
+            acc_sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=dev)  # sums, then correct
+            seen = 0
+            lr_now = optimizer.param_groups[0]["lr"]
+            t0 = time.perf_counter()
+            # an explicit iterator: tqdm.auto would otherwise call iter() twice, drawing the shuffle
+            # seed from `gen` twice (progress bars would change the results) and starting workers twice
+            batches = iter(train_loader)
+            for x, y in bar(batches, total=len(train_loader), desc=f"epoch {epoch + 1}/{proto.epochs}",
+                            enabled=progress, unit="batch"):
+                x = x.to(dev, non_blocking=True)
+                y = y.to(dev, non_blocking=True)
+                loss, logits, parts = dist.step(x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                n = int(y.shape[0])
+                with torch.no_grad():   # accumulate on the device: no host sync per step
+                    values = [loss.detach()] + [parts[k] for k in names[1:]]
+                    values.append((logits.detach().argmax(1) == y).sum() / n)
+                    acc_sums += torch.stack([v.double() for v in values]) * n
+                seen += n
+            totals = acc_sums.tolist()    # one sync per epoch
+            sums = dict(zip(names, totals[:-1]))
+            correct = int(round(totals[-1]))
+            train_time = time.perf_counter() - t0
+            scheduler.step()
+            t1 = time.perf_counter()
+            test_acc, test_loss = evaluate(dist.student, test_loader, dev)
+            eval_time = time.perf_counter() - t1
+            if not math.isfinite(sums["loss"]):
+                raise NeurosemError(f"the training loss became {sums['loss']} in epoch {epoch + 1}: lower --lr "
+                                    f"or --beta (the checkpoint of epoch {epoch} is kept)")
+            history["epoch"].append(epoch + 1)
+            history["lr"].append(lr_now)
+            history["train_loss"].append(sums["loss"] / seen)
+            for k in _part_names(method):
+                history[f"train_{k}"].append(sums[k] / seen)
+            history["train_acc"].append(100.0 * correct / seen)
+            history["test_acc"].append(test_acc)
+            history["test_loss"].append(test_loss)
+            history["epoch_time"].append(train_time)
+            history["eval_time"].append(eval_time)
+            _save_checkpoint(ckpt_path, {
+                "config": config, "epoch": epoch + 1, "model": dist.student.state_dict(),
+                "criterion": dist.criterion.state_dict() if dist.criterion is not None else {},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "history": history, "teacher_acc": teacher_acc, "rng": _rng_state()})
+            _write_json(results_path, results("running"))
+            if progress:
+                print(f"epoch {epoch + 1}/{proto.epochs}: loss {sums['loss'] / seen:.4f}, train "
+                      f"{100.0 * correct / seen:.2f}%, test {test_acc:.2f}% ({train_time:.1f} s)", file=sys.stderr)
+
+    torch.save(dist.student.state_dict(), weights_path)
+    out = results("complete")
+    _write_json(results_path, out)
+    return out
+
+
+def _part_names(method: str) -> list[str]:
+    if method == "ce":
+        return ["ce"]
+    return ["ce", method]
+
+
+def train_teacher(model: str, data: str, protocol: str = "crd", epochs: int | None = None, seed: int = 0,
+                  device: str = "auto", run: str | Path | None = None, batch_size: int | None = None,
+                  lr: float | None = None, num_workers: int = 2, progress: bool = True) -> dict[str, Any]:
+    """Train zoo ``model`` alone with cross-entropy (``distill(method="ce")``; CRD's protocol by
+    default, as RepDistiller's ``train_teacher.py``). The weights land in ``<run>/weights.pth``.
+
+    Example:
+        >>> train_teacher("resnet32x4", "cifar100:data/cifar")["weights_path"]  # doctest: +SKIP
+        'runs/resnet32x4-ce-s0/weights.pth'
+    """
+    return distill(teacher=None, student=model, method="ce", data=data, protocol=protocol, epochs=epochs,
+                   seed=seed, device=device, run=run, batch_size=batch_size, lr=lr,
+                   num_workers=num_workers, progress=progress)

@@ -1,0 +1,236 @@
+"""distill(): end to end on a generated CIFAR-format folder, resume, teacher-free SKD, messages."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neurosem.data.cifar import write_cifar
+from neurosem.distill import distiller as D
+from neurosem.distill import train as T
+from neurosem.distill import zoo
+from neurosem.errors import DataError, NeurosemError, RunMismatchError
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest (and fair on a shared machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+FAST = dict(protocol="paper", epochs=2, batch_size=8, num_workers=0, progress=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory) -> Path:
+    """24 train / 8 test images of 4 classes (class = the brightest colour channel)."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        labels = rng.integers(0, 4, size=n)
+        x = rng.integers(0, 80, size=(n, 32, 32, 3))
+        for i, c in enumerate(labels):
+            if c < 3:
+                x[i, :, :, c] += 150
+        return x.astype(np.uint8), [int(v) for v in labels]
+
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, make(24), make(8), name="cifar100")
+    return root
+
+
+def _embedding(tmp: Path, teacher: str, data_root: Path, dim: int = 4) -> Path:
+    """The teacher's vectors with neurosem.embed's fit, from P-bar over the training images."""
+    from neurosem._embed_train import train_fit
+    from neurosem.data.cifar import cifar_dataset, cifar_test_transform
+    from neurosem.embed import similarity_probs, write_embedding
+
+    torch.manual_seed(1)
+    model = zoo.build(teacher).eval()
+    layers = zoo.ALIGNED_LAYERS[teacher]
+    ds = cifar_dataset(data_root, transform=cifar_test_transform())
+    x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    with D.FeatureTaps(model, layers) as taps, torch.no_grad():
+        model(x)
+        acts = taps.pop()
+    pbar = {l: similarity_probs(acts[l]).mean(0).double() for l in layers}
+    res = train_fit(pbar, dim=dim, max_steps=4)
+    return write_embedding(tmp / "embedding.h5", res, {"trainer": "fit", "dim": dim}, model=teacher)
+
+
+@pytest.fixture(scope="module")
+def vectors_resnet14(tmp_path_factory, cifar_root) -> Path:
+    return _embedding(tmp_path_factory.mktemp("teacher14"), "resnet14", cifar_root)
+
+
+def test_skd_two_epochs_end_to_end_without_the_teacher(tmp_path, cifar_root, vectors_resnet14, monkeypatch):
+    def boom(**kwargs):
+        raise AssertionError("SKD must not construct the teacher")
+
+    monkeypatch.setitem(zoo.ZOO, "resnet14", boom)
+    out = T.distill(teacher="resnet14", student="resnet8", method="skd", data=f"cifar100:{cifar_root}",
+                    run=tmp_path / "run", teacher_vectors=vectors_resnet14.parent, seed=0, **FAST)
+    assert out["status"] == "complete" and out["epochs_done"] == 2
+    assert len(out["test_acc"]) == 2 and len(out["epoch_time"]) == 2
+    assert out["final_acc"] == out["test_acc"][-1] and out["best_acc"] == max(out["test_acc"])
+    assert all(0 <= a <= 100 for a in out["test_acc"]) and out["teacher_acc"] is None
+    h = out["history"]
+    assert h["lr"] == pytest.approx([0.1, 0.01])      # paper milestones 50/75/90 scaled to 2 epochs
+    assert all(np.isfinite(h["train_skd"])) and min(h["train_skd"]) > 0
+    # loss = CE + 0.5 * SKD per epoch (means over the same samples)
+    np.testing.assert_allclose(h["train_loss"], np.array(h["train_ce"]) + 0.5 * np.array(h["train_skd"]), rtol=1e-5)
+    assert out["config"]["teacher_layers"] == ["layer1", "layer2", "layer3"]
+    saved = json.loads(Path(out["results_path"]).read_text())
+    assert saved["test_acc"] == out["test_acc"] and saved["status"] == "complete"
+    state = torch.load(out["weights_path"], weights_only=True)
+    student = zoo.build("resnet8")
+    student.load_state_dict(state)
+    # the saved weights reproduce the reported final accuracy
+    from neurosem.data.cifar import cifar_dataset, cifar_test_transform
+
+    ds = cifar_dataset(cifar_root, train=False, transform=cifar_test_transform())
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=T._collate)
+    acc, _ = T.evaluate(student, loader, torch.device("cpu"))
+    assert acc == pytest.approx(out["final_acc"])
+    # the student's aligned layers were the ones regularised: the loss module holds P_S of the file
+    from neurosem.embed import load_embedding, similarity_probs
+
+    emb = load_embedding(vectors_resnet14)
+    ck = torch.load(out["checkpoint_path"], weights_only=False)
+    torch.testing.assert_close(ck["criterion"]["target_0"],
+                               similarity_probs(torch.as_tensor(emb.vectors("layer1"))).float())
+
+
+def test_resume_gives_the_same_final_state(tmp_path, cifar_root, vectors_resnet14, monkeypatch):
+    args = dict(teacher="resnet14", student="resnet8", method="skd", data=f"cifar100:{cifar_root}",
+                teacher_vectors=vectors_resnet14, seed=3, **FAST)
+    full = T.distill(run=tmp_path / "full", **args)
+
+    real_save = T._save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        T.distill(run=tmp_path / "cut", **args)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    monkeypatch.setattr(T, "_save_checkpoint", real_save)
+    resumed = T.distill(run=tmp_path / "cut", **args)
+    assert resumed["test_acc"] == full["test_acc"]
+    assert resumed["history"]["train_loss"] == full["history"]["train_loss"]
+    a = torch.load(full["weights_path"], weights_only=True)
+    b = torch.load(resumed["weights_path"], weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a finished run returns its results; other arguments in the same run are refused
+    again = T.distill(run=tmp_path / "cut", **args)
+    assert again["test_acc"] == full["test_acc"]
+    with pytest.raises(RunMismatchError, match="seed=3"):
+        T.distill(run=tmp_path / "cut", **{**args, "seed": 4})
+
+
+def test_ce_teacher_then_kd_with_its_weights(tmp_path, cifar_root):
+    teacher = T.train_teacher("resnet14", f"cifar100:{cifar_root}", run=tmp_path / "t", protocol="crd",
+                              epochs=1, batch_size=8, num_workers=0, progress=False, device="cpu")
+    assert teacher["config"]["method"] == "ce" and teacher["config"]["lr"] == 0.05
+    out = T.distill(teacher="resnet14", student="resnet8", method="kd", data=f"cifar100:{cifar_root}",
+                    run=tmp_path / "kd", teacher_weights=teacher["weights_path"],
+                    **{**FAST, "epochs": 1})
+    # the teacher was evaluated with the trained weights
+    assert out["teacher_acc"] == pytest.approx(teacher["final_acc"])
+    h = out["history"]
+    np.testing.assert_allclose(h["train_loss"], 0.1 * np.array(h["train_ce"]) + 0.9 * np.array(h["train_kd"]),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["kd", "fitnet", "at", "sp", "cc", "cc-rbf", "rkd", "pkt", "skd-random"])
+def test_every_method_takes_a_step(method):
+    torch.manual_seed(0)
+    teacher = zoo.build("resnet14", num_classes=10).eval()
+    d = D.build_distiller(method, "resnet8", "resnet14", num_classes=10, teacher_model=teacher, seed=0)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    d.train()
+    with d.hooked():
+        loss, logits, parts = d.step(x, y)
+    loss.backward()
+    assert torch.isfinite(loss) and logits.shape == (4, 10)
+    assert set(parts) == {"ce", method}
+    assert float(parts[method]) > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert d.student.layer1[0].conv1.weight.grad is not None
+    if method in ("fitnet", "cc", "cc-rbf"):
+        assert any(p.grad is not None for p in d.criterion.parameters())
+    # the hooks are gone afterwards
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in d.student.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in teacher.modules())
+
+
+def test_baselines_use_crds_layers():
+    assert D.method_taps("at", "resnet8x4").maps == ("layer1", "layer2", "layer3")
+    assert D.method_taps("at", "vgg8").maps == ("block1", "block2", "block3", "block4")
+    assert D.method_taps("fitnet", "wrn_16_2").maps == ("block2",)
+    assert D.method_taps("fitnet", "vgg13").maps == ("block2",)
+    assert D.method_taps("sp", "vgg8").maps == ("block4",)
+    assert D.method_taps("rkd", "vgg8").pooled == "classifier"
+    assert D.method_taps("skd", "vgg8").maps == tuple(f"block{i}" for i in range(5))
+    assert D.default_beta("skd", "vgg13", "vgg8") == 0.05
+    assert D.default_beta("skd", "resnet32x4", "resnet8x4") == 0.5
+    assert D.default_beta("kd", "resnet32x4", "resnet8x4") == 0.9
+
+
+def test_protocols():
+    assert T.PROTOCOLS["paper"].scaled(None).milestones == (50, 75, 90)
+    assert T.PROTOCOLS["paper"].scaled(10).milestones == (5, 8, 9)
+    crd = T.PROTOCOLS["crd"]
+    assert (crd.lr, crd.momentum, crd.weight_decay, crd.batch_size, crd.epochs, crd.milestones) == \
+        (0.05, 0.9, 5e-4, 64, 240, (150, 180, 210))
+    paper = T.PROTOCOLS["paper"]
+    assert (paper.lr, paper.weight_decay, paper.batch_size, paper.epochs) == (0.1, 5e-4, 64, 100)
+
+
+def test_width_mismatch_names_both_layers(tmp_path, cifar_root):
+    path = _embedding(tmp_path, "resnet8x4", cifar_root)
+    with pytest.raises(NeurosemError, match="teacher layer layer1 has 64 vectors but student layer layer1 has 16 channels"):
+        T.distill(teacher="resnet8x4", student="resnet8", method="skd", data=f"cifar100:{cifar_root}",
+                  run=tmp_path / "r", teacher_vectors=path, **FAST)
+
+
+def test_messages(tmp_path, cifar_root):
+    with pytest.raises(DataError, match="cifar-100-python/"):
+        T.distill(student="resnet8", method="ce", data=f"cifar100:{tmp_path / 'none'}", run=tmp_path / "r", **FAST)
+    with pytest.raises(NeurosemError, match="--teacher-weights"):
+        T.distill(teacher="resnet14", student="resnet8", method="kd", data=f"cifar100:{cifar_root}",
+                  run=tmp_path / "r", **FAST)
+    with pytest.raises(NeurosemError, match="no teacher vectors at"):
+        T.distill(teacher="resnet14", student="resnet8", method="skd", data=f"cifar100:{cifar_root}",
+                  run=tmp_path / "r", teacher_vectors=tmp_path / "nothing", **FAST)
+    with pytest.raises(NeurosemError, match="did you mean"):
+        T.distill(student="resnet8x5", method="ce", data=f"cifar100:{cifar_root}", **FAST)
+    with pytest.raises(NeurosemError, match="unknown method"):
+        T.distill(student="resnet8", method="crd", data=f"cifar100:{cifar_root}", **FAST)
+
+
+def test_progress_bars_do_not_change_the_results(tmp_path, cifar_root, monkeypatch):
+    monkeypatch.delenv("NEUROSEM_NO_PROGRESS", raising=False)
+    args = dict(student="resnet8", method="ce", data=f"cifar100:{cifar_root}", **{**FAST, "epochs": 1})
+    quiet = T.distill(run=tmp_path / "quiet", **args)
+    shown = T.distill(run=tmp_path / "shown", **{**args, "progress": True})
+    assert quiet["history"]["train_loss"] == shown["history"]["train_loss"]
+
+
+def test_cli_distill(tmp_path, cifar_root, capsys):
+    from neurosem.cli import main
+
+    main(["distill", "--student", "resnet8", "--method", "ce", "--data", f"cifar100:{cifar_root}",
+          "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet",
+          "--run", str(tmp_path / "cli")])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = json.loads((tmp_path / "cli" / "distill.json").read_text())
+    assert out["final_acc"] == saved["final_acc"] and out["results_path"] == saved["results_path"]

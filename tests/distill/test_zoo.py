@@ -1,0 +1,151 @@
+"""The CIFAR zoo: parameter counts, stage widths of the six Table 1 pairs, named stage ends."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neurosem.distill import zoo
+from neurosem.errors import NeurosemError
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest (and fair on a shared machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+PAIRS = [("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"), ("resnet110", "resnet20"),
+         ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8")]
+
+WIDTHS = {"resnet20": [16, 32, 64], "resnet32": [16, 32, 64], "resnet56": [16, 32, 64],
+          "resnet110": [16, 32, 64], "resnet8x4": [64, 128, 256], "resnet32x4": [64, 128, 256],
+          "wrn_16_2": [32, 64, 128], "wrn_40_2": [32, 64, 128],
+          "vgg8": [64, 128, 256, 512, 512], "vgg13": [64, 128, 256, 512, 512]}
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _bn(c: int) -> int:
+    return 2 * c
+
+
+def _resnet_count(depth: int, widths: list[int], classes: int = 100) -> int:
+    n = (depth - 2) // 6
+    stem, *stages = widths
+    total = 3 * stem * 9 + _bn(stem)
+    cin = stem
+    for i, w in enumerate(stages):
+        for b in range(n):
+            stride = 2 if (i > 0 and b == 0) else 1
+            total += cin * w * 9 + _bn(w) + w * w * 9 + _bn(w)
+            if stride != 1 or cin != w:
+                total += cin * w + _bn(w)
+            cin = w
+    return total + cin * classes + classes
+
+
+def _wrn_count(depth: int, k: int, classes: int = 100) -> int:
+    n = (depth - 4) // 6
+    total = 3 * 16 * 9
+    cin = 16
+    for w in (16 * k, 32 * k, 64 * k):
+        for b in range(n):
+            total += _bn(cin) + cin * w * 9 + _bn(w) + w * w * 9
+            if cin != w:
+                total += cin * w
+            cin = w
+    return total + _bn(cin) + cin * classes + classes
+
+
+def _vgg_count(cfg: list[list[int]], classes: int = 100) -> int:
+    total, cin = 0, 3
+    for stage in cfg:
+        for w in stage:
+            total += cin * w * 9 + w + _bn(w)   # conv with bias + BN
+            cin = w
+    return total + cin * classes + classes
+
+
+def test_parameter_counts_are_exact():
+    for depth in (8, 14, 20, 32, 44, 56, 110):
+        assert _n_params(zoo.build(f"resnet{depth}")) == _resnet_count(depth, [16, 16, 32, 64])
+    assert _n_params(zoo.build("resnet8x4")) == _resnet_count(8, [32, 64, 128, 256])
+    assert _n_params(zoo.build("resnet32x4")) == _resnet_count(32, [32, 64, 128, 256])
+    assert _n_params(zoo.build("wrn_16_2")) == _wrn_count(16, 2)
+    assert _n_params(zoo.build("wrn_40_2")) == _wrn_count(40, 2)
+    assert _n_params(zoo.build("vgg8")) == _vgg_count([[64], [128], [256], [512], [512]])
+    assert _n_params(zoo.build("vgg13")) == _vgg_count([[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]])
+
+
+@pytest.mark.parametrize("name,millions", [("resnet20", 0.28), ("resnet32x4", 7.43), ("wrn_40_2", 2.26),
+                                           ("vgg13", 9.46), ("resnet8x4", 1.23), ("wrn_16_2", 0.70),
+                                           ("vgg8", 3.96), ("resnet56", 0.86), ("resnet110", 1.73)])
+def test_parameter_counts_match_the_crd_models(name, millions):
+    """The sizes the CRD benchmark reports for its CIFAR-100 models (100 classes), within 5%."""
+    assert _n_params(zoo.build(name, num_classes=100)) / 1e6 == pytest.approx(millions, rel=0.05)
+
+
+def _stage_outputs(model: torch.nn.Module, layers: list[str]) -> tuple[dict[str, tuple[int, ...]], torch.Tensor]:
+    modules = dict(model.named_modules())
+    out: dict[str, tuple[int, ...]] = {}
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, tuple(o.shape)))
+               for n in layers]
+    try:
+        model.eval()
+        with torch.no_grad():
+            logits = model(torch.randn(2, 3, 32, 32))
+    finally:
+        for h in handles:
+            h.remove()
+    return out, logits
+
+
+@pytest.mark.parametrize("teacher,student", PAIRS)
+def test_table1_pairs_have_equal_stage_widths(teacher, student):
+    shapes = {}
+    for name in (teacher, student):
+        layers = zoo.ALIGNED_LAYERS[name]
+        out, logits = _stage_outputs(zoo.build(name), layers)
+        assert logits.shape == (2, 100)
+        assert [out[l][1] for l in layers] == WIDTHS[name]
+        shapes[name] = [out[l] for l in layers]
+    assert shapes[teacher] == shapes[student]   # same channels and the same spatial sizes
+
+
+def test_stage_ends_are_named_modules_and_feature_lists_are_consistent():
+    for name in zoo.ZOO:
+        model = zoo.build(name, num_classes=10)
+        names = dict(model.named_modules())
+        for layer in zoo.ALIGNED_LAYERS[name] + zoo.FEATURE_LAYERS[name] + [zoo.CLASSIFIER[name]]:
+            assert layer in names, (name, layer)
+        assert isinstance(names[zoo.CLASSIFIER[name]], torch.nn.Linear)
+        assert names[zoo.CLASSIFIER[name]].out_features == 10
+        assert set(zoo.ALIGNED_LAYERS[name]) <= set(zoo.FEATURE_LAYERS[name])
+
+
+def test_resnet_stage_outputs_are_post_relu_and_reference_keys():
+    model = zoo.build("resnet8")
+    out, _ = {}, None
+    h = model.layer2.register_forward_hook(lambda m, i, o: out.__setitem__("x", o))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    h.remove()
+    assert float(out["x"].min()) >= 0.0
+    keys = set(model.state_dict())
+    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight",
+            "layer2.0.downsample.1.weight", "fc.weight"} <= keys
+    assert {"block1.layer.0.convShortcut.weight", "block3.layer.1.bn2.weight", "bn1.weight", "fc.bias"} \
+        <= set(zoo.build("wrn_16_2").state_dict())
+    assert {"block0.0.weight", "block0.1.running_var", "block4.1.weight", "classifier.weight"} \
+        <= set(zoo.build("vgg8").state_dict())
+    assert {"block0.3.weight", "block0.4.weight"} <= set(zoo.build("vgg13").state_dict())
+
+
+def test_unknown_model_names_the_closest():
+    with pytest.raises(NeurosemError, match="resnet8x4"):
+        zoo.build("resnet8x5")
