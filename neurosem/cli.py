@@ -242,7 +242,8 @@ def embed(model: str | None, data: str | None, broden: str | None, run: str | No
 @_run_option
 @click.option("--layer", default=None, help="Plot only this layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the curves as JSON.")
-def kl(run: str | None, layer: str | None, as_json: bool) -> None:
+@_quiet_option
+def kl(run: str | None, layer: str | None, as_json: bool, quiet: bool) -> None:
     """KL between the IoU-vector and semantic-vector similarities (paper Fig. 4).
 
     For every saved snapshot of the embedding, with a random baseline and an upper bound.
@@ -254,7 +255,7 @@ def kl(run: str | None, layer: str | None, as_json: bool) -> None:
     """
     from neurosem.analysis.kl import kl_report
 
-    click.echo(kl_report(run=run, layer=layer, as_json=as_json))
+    click.echo(kl_report(run=run, layer=layer, as_json=as_json, progress=not quiet))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -284,7 +285,10 @@ def query(neuron: str, add: tuple[str, ...], sub: tuple[str, ...], k: int, run: 
 @cli.command(context_settings=CONTEXT)
 @_run_option
 @click.option("--formats", default="pdf,png,svg", show_default=True, help="Comma-separated file formats.")
-def figures(run: str | None, formats: str) -> None:
+@click.option("--layer", default=None, help="Layer of the maps and heat map (default: the last embedded layer).")
+@click.option("--neuron", "-n", default=None, help="Unit of the neighbour figure (default: the most interpretable unit).")
+@click.option("--dpi", default=300, show_default=True, help="Resolution of the PNG files.")
+def figures(run: str | None, formats: str, layer: str | None, neuron: str | None, dpi: int) -> None:
     """Draw the paper's figures for a run into RUN/figures (PDF, PNG at 300 dpi, SVG).
 
     \b
@@ -293,7 +297,8 @@ def figures(run: str | None, formats: str) -> None:
     """
     from neurosem.analysis.figures import make_figures
 
-    for path in make_figures(run, formats=tuple(_split([formats]) or ("pdf", "png", "svg"))):
+    for path in make_figures(run, formats=tuple(_split([formats]) or ("pdf", "png", "svg")), dpi=dpi, layer=layer,
+                             unit=neuron):
         click.echo(str(path))
 
 

@@ -1,0 +1,9 @@
+"""Analysis of a run's semantic vectors: the KL metric of paper Fig. 4 (:mod:`.kl`), neighbour and
+additive queries (:mod:`.query`) and the paper's figures (:mod:`.figures`, styled by
+:mod:`._plotstyle`). Nothing heavy is imported here; each module imports numpy/scipy/matplotlib/torch
+only when used.
+
+Example:
+    >>> from neurosem.analysis.query import query              # doctest: +SKIP
+    >>> query("runs/resnet18", "layer4:312", add=["layer4:77"], k=3)   # doctest: +SKIP
+"""
