@@ -155,43 +155,55 @@ class Finding:
     data: dict[str, Any]
 
 
-def _best_units(dissection, layer: str, n: int = 3) -> list[tuple[int, str, str, float]]:
-    """The ``n`` units of ``layer`` with the highest best IoU: (unit, label, category, iou)."""
+def best_detector(dissection) -> tuple[str, int, str, str, float]:
+    """The unit with the highest IoU over all dissected layers: (layer, unit, label, category, iou).
+
+    Ties go to the earlier layer, then the lower unit index.
+    """
     import numpy as np
 
-    iou = dissection.iou(layer)
-    best = iou.max(axis=1)
-    order = np.argsort(-best, kind="stable")[:n]
-    return [(int(u), *dissection.unit_label(layer, int(u))) for u in order]
+    best: tuple[str, int, str, str, float] | None = None
+    for layer in dissection.layers:
+        top = dissection.iou(layer).max(axis=1)
+        unit = int(np.argmax(top))
+        if best is None or float(top[unit]) > best[4]:
+            best = (layer, unit, *dissection.unit_label(layer, unit))
+    if best is None:
+        raise NeurosemError("the dissection holds no layer")
+    return best
 
 
-def findings_of(run, layer: str) -> list[Finding]:
-    """Three findings a reader can check: a detector unit, its neighbours, an additive relation."""
+def findings_of(run) -> list[Finding]:
+    """Findings a reader can check: the best detector, its neighbours, an additive relation, the KL."""
+    from neurosem.analysis.figures import default_pair
     from neurosem.analysis.kl import kl_curves
     from neurosem.analysis.query import query
     from neurosem.dissect import load_dissection
 
     dis = load_dissection(run.path)
-    (u, label, cat, iou), (u2, label2, cat2, iou2) = _best_units(dis, layer, 2)[:2]
-    out = [Finding("detector", f"{layer}:{u} detects '{label}' ({cat}) with IoU {iou:.3f}",
-                   {"neuron": f"{layer}:{u}", "label": label, "category": cat, "iou": iou})]
-    nbrs = query(run.path, f"{layer}:{u}", k=3)
+    layer, u, label, cat, iou = best_detector(dis)
+    unit = f"{layer}:{u}"
+    out = [Finding("detector", f"{unit} detects '{label}' ({cat}) with IoU {iou:.3f}",
+                   {"neuron": unit, "label": label, "category": cat, "iou": iou})]
+    nbrs = query(run.path, unit, k=3)
     described = ", ".join(f"{r['neuron']} ({r.get('label', '?')}, cos {r['similarity']:.2f})" for r in nbrs)
-    out.append(Finding("neighbours", f"nearest units to {layer}:{u} by semantic vector: {described}",
-                       {"neuron": f"{layer}:{u}", "neighbours": nbrs}))
-    summed = query(run.path, f"{layer}:{u}", add=[f"{layer}:{u2}"], k=1)[0]
+    out.append(Finding("neighbours", f"nearest units to {unit} by semantic vector: {described}",
+                       {"neuron": unit, "neighbours": nbrs}))
+    a, b, _ = default_pair(run.path)
+    summed = query(run.path, str(a), add=[str(b)], k=1)[0]
+    la, lb = (dis.unit_label(n.layer, n.index)[0] for n in (a, b))
     out.append(Finding(
         "additive",
-        f"{layer}:{u} ({label}) + {layer}:{u2} ({label2}) is nearest to {summed['neuron']} "
+        f"{a} ({la}) + {b} ({lb}) is nearest to {summed['neuron']} "
         f"({summed.get('label', '?')}, cos {summed['similarity']:.2f})",
-        {"a": f"{layer}:{u}", "b": f"{layer}:{u2}", "nearest": summed}))
-    curves = kl_curves(run.path)
+        {"a": str(a), "b": str(b), "nearest": summed}))
+    curves = kl_curves(run.path, progress=False)
+    fin = curves["final"]
     out.append(Finding(
         "kl",
-        f"KL(IoU similarities || vector similarities), mean over layers: embedding "
-        f"{curves['final']['embedding']:.4f}, random vectors {curves['final']['random']:.4f}, "
-        f"upper bound {curves['final']['upper_bound']:.4f}",
-        dict(curves["final"])))
+        f"KL(IoU similarities || vector similarities), mean over layers: embedding {fin['embedding']:.4f}, "
+        f"random vectors {fin['random']:.4f}, upper bound {fin['upper_bound']:.4f}",
+        dict(fin)))
     return out
 
 
@@ -256,9 +268,9 @@ def quickstart(out: str = "runs/quickstart", device: str = "auto", seed: int = 0
     with stage("embed"):
         embed(run=run.path, seed=cfg.seed, device=cfg.device, progress=cfg.progress)
     with stage("KL curves, queries"):
-        found = findings_of(run, "layer4")
+        found = findings_of(run)
     with stage("figures"):
-        figs = make_figures(run.path)
+        figs = make_figures(run.path, unit=found[0].data["neuron"])
     summary = {
         "config": asdict(cfg), "train": train, "timings_s": timings,
         "findings": [asdict(f) for f in found],

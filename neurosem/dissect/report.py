@@ -1,0 +1,488 @@
+"""Dissection outputs: ``dissect.h5`` (write and load), the per-layer CSV, ``summary.json``, the
+self-contained HTML report and the summary figure.
+
+``dissect.h5`` (docs/internals.md): root attrs ``args`` (JSON), ``broden_fingerprint``; datasets
+``labels/number [L]``, ``labels/name [L]``, ``labels/category [L]`` (primary category),
+``categories [K]``; per layer ``layers/<layer>/``: ``threshold [C]`` float32, ``iou [C, L]``
+float32, ``best_label [C]`` (column index), ``best_iou [C]``, ``best_category [C]``. Also stored
+(additions to the contract): ``labels/gt [L]`` (label pixel counts), per layer ``threshold_exact``
+(float64, the exact quantile; ``threshold`` is it rounded down to float32, which thresholds float16
+and float32 activations identically), ``category_best_label [C, K]``, ``category_best_iou [C, K]``,
+``top_images [C, k]`` and ``top_values [C, k]`` (dataset positions of the top-activating images and
+their peak activations).
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from neurosem.errors import NeurosemError
+
+FORMAT = "neurosem-dissection"
+VERSION = 1
+
+
+@dataclass
+class LayerDissection:
+    """The dissection of one layer, as computed (arrays over ``C`` units, ``L`` labels, ``K``
+    categories)."""
+
+    layer: str
+    threshold: np.ndarray          # [C] float64, exact
+    iou: np.ndarray                # [C, L] float64
+    best_label: np.ndarray         # [C] column index
+    best_iou: np.ndarray           # [C]
+    category_best_label: np.ndarray  # [C, K] column index, -1 when a category has no column
+    category_best_iou: np.ndarray    # [C, K]
+    top_images: np.ndarray         # [C, k] dataset positions (-1: none)
+    top_values: np.ndarray         # [C, k] peak activation of those images
+
+
+# ------------------------------------------------------------------------------------ dissect.h5
+def _str_dataset(group: Any, name: str, values: Sequence[str]) -> None:
+    import h5py
+
+    group.create_dataset(name, data=np.array([str(v) for v in values], dtype=object),
+                         dtype=h5py.string_dtype("utf-8"))
+
+
+def write_dissection(path: Path, args: dict[str, Any], broden_fingerprint: str,
+                     label_numbers: np.ndarray, label_names: Sequence[str],
+                     label_categories: Sequence[str], label_gt: np.ndarray,
+                     categories: Sequence[str], layers: Sequence[LayerDissection]) -> Path:
+    """Write ``dissect.h5`` atomically (a temporary file renamed at the end)."""
+    import h5py
+
+    from neurosem.dissect.tally import threshold_for_dtype
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    cat_index = {c: i for i, c in enumerate(categories)}
+    with h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["version"] = VERSION
+        f.attrs["args"] = json.dumps(args, sort_keys=True)
+        f.attrs["broden_fingerprint"] = str(broden_fingerprint)
+        lab = f.create_group("labels")
+        lab.create_dataset("number", data=np.asarray(label_numbers, dtype=np.int64))
+        _str_dataset(lab, "name", label_names)
+        _str_dataset(lab, "category", label_categories)
+        lab.create_dataset("gt", data=np.asarray(label_gt, dtype=np.int64))
+        _str_dataset(f, "categories", categories)
+        group = f.create_group("layers")
+        for ld in layers:
+            g = group.create_group(ld.layer)
+            g.create_dataset("threshold", data=threshold_for_dtype(ld.threshold, _f32()).numpy())
+            g.create_dataset("threshold_exact", data=np.asarray(ld.threshold, dtype=np.float64))
+            g.create_dataset("iou", data=np.asarray(ld.iou, dtype=np.float32))
+            g.create_dataset("best_label", data=np.asarray(ld.best_label, dtype=np.int64))
+            g.create_dataset("best_iou", data=np.asarray(ld.best_iou, dtype=np.float32))
+            best_cat = [label_categories[j] if j >= 0 else "" for j in ld.best_label]
+            _str_dataset(g, "best_category", best_cat)
+            g.create_dataset("category_best_label", data=np.asarray(ld.category_best_label, dtype=np.int64))
+            g.create_dataset("category_best_iou", data=np.asarray(ld.category_best_iou, dtype=np.float32))
+            g.create_dataset("top_images", data=np.asarray(ld.top_images, dtype=np.int64))
+            g.create_dataset("top_values", data=np.asarray(ld.top_values, dtype=np.float32))
+            assert all(c in cat_index for c in best_cat if c)
+    os.replace(tmp, path)
+    return path
+
+
+def _f32() -> Any:
+    import torch
+
+    return torch.float32
+
+
+def _strs(values: Any) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+class Dissection:
+    """A dissection read from ``dissect.h5`` (everything is loaded; the file is closed).
+
+    Attributes:
+        path, args (dict), broden_fingerprint, layers, label_numbers ``[L]``, label_names ``[L]``,
+        label_categories ``[L]`` (primary category of each IoU column), categories ``[K]``,
+        label_gt ``[L]``, outputs (paths written by :func:`~neurosem.dissect.dissect`, if any).
+
+    Example:
+        >>> d = load_dissection("runs/resnet18")            # doctest: +SKIP
+        >>> d.unit_label("layer4", 12)                      # doctest: +SKIP
+        ('dog', 'object', 0.173)
+    """
+
+    def __init__(self, path: Path) -> None:
+        import h5py
+
+        self.path = Path(path)
+        self.outputs: dict[str, Any] = {}
+        try:
+            with h5py.File(self.path, "r") as f:
+                if f.attrs.get("format") not in (FORMAT, None):
+                    raise KeyError("format")
+                self.args: dict[str, Any] = json.loads(f.attrs.get("args", "{}"))
+                self.broden_fingerprint = str(f.attrs.get("broden_fingerprint", ""))
+                self.label_numbers = np.asarray(f["labels/number"][()], dtype=np.int64)
+                self.label_names = _strs(f["labels/name"][()])
+                self.label_categories = _strs(f["labels/category"][()])
+                self.label_gt = (np.asarray(f["labels/gt"][()], dtype=np.int64)
+                                 if "gt" in f["labels"] else None)
+                self.categories = _strs(f["categories"][()])
+                self._layers: dict[str, dict[str, np.ndarray]] = {}
+                for name, g in f["layers"].items():
+                    d = {k: g[k][()] for k in g.keys()}
+                    d["best_category"] = np.array(_strs(d["best_category"]), dtype=object)
+                    self._layers[name] = d
+        except (OSError, KeyError, ValueError) as exc:
+            raise NeurosemError(
+                f"{self.path} is not a readable dissection ({type(exc).__name__}: {exc}); "
+                "rerun `neurosem dissect --broden PATH`") from None
+        order = self.args.get("layers")
+        names = list(self._layers)
+        self.layers: list[str] = ([n for n in order if n in self._layers] + [n for n in names if n not in order]
+                                  if isinstance(order, list) else names)
+
+    # -- access ----------------------------------------------------------------------------------
+    def _layer(self, layer: str) -> dict[str, np.ndarray]:
+        if layer not in self._layers:
+            raise NeurosemError(
+                f"layer {layer!r} is not in the dissection {self.path} (layers: {', '.join(self.layers)}); "
+                f"run `neurosem dissect --layers {layer}`")
+        return self._layers[layer]
+
+    @property
+    def iou_threshold(self) -> float:
+        return float(self.args.get("iou_threshold", 0.04))
+
+    def n_units(self, layer: str) -> int:
+        return int(self._layer(layer)["iou"].shape[0])
+
+    def iou(self, layer: str) -> np.ndarray:
+        """``[C, L]`` float32 IoU, columns as :attr:`label_names`."""
+        return self._layer(layer)["iou"]
+
+    def threshold(self, layer: str, exact: bool = False) -> np.ndarray:
+        """``[C]`` activation thresholds: float32 (rounded down, thresholds float16/float32
+        activations exactly like the float64 value), or the exact float64 quantile."""
+        d = self._layer(layer)
+        return d["threshold_exact"] if exact and "threshold_exact" in d else d["threshold"]
+
+    def best(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(best_label [C] column index, best_iou [C])``."""
+        d = self._layer(layer)
+        return d["best_label"], d["best_iou"]
+
+    def unit_label(self, layer: str, unit: int) -> tuple[str, str, float]:
+        """``(label, category, iou)`` of the unit's best label."""
+        d = self._layer(layer)
+        n = d["best_label"].shape[0]
+        if not 0 <= int(unit) < n:
+            raise NeurosemError(f"{layer}:{unit} is out of range: {layer} has {n} units (0..{n - 1})")
+        j = int(d["best_label"][unit])
+        if j < 0:
+            return ("-", "", 0.0)
+        return (self.label_names[j], self.label_categories[j], float(d["best_iou"][unit]))
+
+    def category_best(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(column [C, K], iou [C, K])``: best label per category (-1: the category has none)."""
+        d = self._layer(layer)
+        if "category_best_label" not in d:          # a minimal file: derive it from the IoU
+            from neurosem.dissect.tally import best_labels
+
+            index = {c: k for k, c in enumerate(self.categories)}
+            cats = np.array([index.get(c, -1) for c in self.label_categories])
+            _, _, d["category_best_label"], d["category_best_iou"] = best_labels(
+                d["iou"], cats, len(self.categories))
+        return d["category_best_label"], d["category_best_iou"]
+
+    def top_images(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(positions [C, k], peak activations [C, k])`` of each unit's top-activating images
+        (``k = 0`` when the file does not hold them)."""
+        d = self._layer(layer)
+        if "top_images" not in d:
+            c = d["iou"].shape[0]
+            return np.zeros((c, 0), dtype=np.int64), np.zeros((c, 0), dtype=np.float32)
+        return d["top_images"], d["top_values"]
+
+    def interpretable(self, layer: str, iou_threshold: float | None = None) -> np.ndarray:
+        """``bool [C]``: best IoU >= the threshold (default: the one the dissection was run with)."""
+        thr = self.iou_threshold if iou_threshold is None else float(iou_threshold)
+        return self._layer(layer)["best_iou"] >= np.float32(thr)
+
+    def counts(self, layer: str, iou_threshold: float | None = None) -> dict[str, int]:
+        """Interpretable units per category (the category of each unit's best label)."""
+        keep = self.interpretable(layer, iou_threshold)
+        cats = self._layer(layer)["best_category"]
+        return {c: int(np.sum(keep & (cats == c))) for c in self.categories}
+
+    def __repr__(self) -> str:
+        return f"Dissection({str(self.path)!r}, layers={self.layers})"
+
+    def __str__(self) -> str:
+        lines = [f"dissection: {self.path} (IoU >= {self.iou_threshold:g} is interpretable)"]
+        for layer in self.layers:
+            counts = self.counts(layer)
+            n = sum(counts.values())
+            detail = ", ".join(f"{c} {k}" for c, k in counts.items() if k)
+            lines.append(f"  {layer}: {n}/{self.n_units(layer)} units interpretable"
+                         + (f" ({detail})" if detail else ""))
+        for name, p in self.outputs.items():
+            lines.append(f"  {name}: {', '.join(map(str, p)) if isinstance(p, (list, tuple)) else p}")
+        return "\n".join(lines)
+
+
+DissectionResult = Dissection
+
+
+def load_dissection(run_or_path: Any) -> Dissection:
+    """Load a dissection from a run directory or a ``dissect.h5`` path.
+
+    Example:
+        >>> load_dissection("runs/resnet18").layers         # doctest: +SKIP
+        ['layer1', 'layer2', 'layer3', 'layer4']
+    """
+    from neurosem.run import RunDir
+
+    if isinstance(run_or_path, RunDir):
+        path, run = run_or_path.dissection, run_or_path.path
+    else:
+        p = Path(run_or_path)
+        path, run = (p, p.parent) if p.suffix == ".h5" or p.is_file() else (RunDir(p).dissection, p)
+    if not path.is_file():
+        raise NeurosemError(
+            f"no dissection at {path}: run `neurosem dissect --broden PATH --run {run}` first")
+    return Dissection(path)
+
+
+# ------------------------------------------------------------------------------------ CSV / JSON
+def write_layer_csv(path: Path, dis: Dissection, layer: str) -> Path:
+    """``unit,label,category,iou`` then ``<cat>_label,<cat>_iou`` per category; one row per unit."""
+    best, best_iou = dis.best(layer)
+    cat_best, cat_iou = dis.category_best(layer)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["unit", "label", "category", "iou"]
+                   + [f"{c}_{x}" for c in dis.categories for x in ("label", "iou")])
+        for u in range(best.shape[0]):
+            label, cat, iou = dis.unit_label(layer, u)
+            row: list[Any] = [u, label, cat, f"{iou:.6f}"]
+            for k in range(len(dis.categories)):
+                j = int(cat_best[u, k])
+                row += [dis.label_names[j], f"{float(cat_iou[u, k]):.6f}"] if j >= 0 else ["", ""]
+            w.writerow(row)
+    return path
+
+
+def summary_dict(dis: Dissection, n_top: int = 10) -> dict[str, Any]:
+    """The content of ``summary.json``."""
+    out: dict[str, Any] = {"iou_threshold": dis.iou_threshold, "args": dis.args,
+                           "categories": dis.categories, "labels": len(dis.label_names), "layers": {}}
+    for layer in dis.layers:
+        best, best_iou = dis.best(layer)
+        keep = dis.interpretable(layer)
+        order = np.argsort(-best_iou, kind="stable")[:n_top]
+        out["layers"][layer] = {
+            "units": dis.n_units(layer),
+            "interpretable": int(keep.sum()),
+            "by_category": dis.counts(layer),
+            "unique_labels": int(len(set(best[keep].tolist()))),
+            "top_units": [dict(zip(("label", "category", "iou"), dis.unit_label(layer, int(u))), unit=int(u))
+                          for u in order],
+        }
+    return out
+
+
+def write_summary(path: Path, dis: Dissection) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary_dict(dis), indent=2))
+    return path
+
+
+# ------------------------------------------------------------------------------------ figure
+def write_summary_figure(path_without_suffix: Path, dis: Dissection,
+                         formats: Sequence[str] = ("pdf", "png", "svg")) -> list[Path]:
+    """Interpretable units per category (bars) per layer: ``figures/dissect_summary.*``."""
+    from neurosem.analysis._plotstyle import category_palette, new_figure, plot_style, save_figure
+
+    cats = list(dis.categories)
+    counts = np.array([[dis.counts(layer)[c] for c in cats] for layer in dis.layers], dtype=float)
+    pal = category_palette(cats)
+    with plot_style():
+        fig, ax = new_figure(figsize=(max(3.2, 0.9 * len(dis.layers) + 1.6), 2.4))
+        n = max(1, len(cats))
+        width = 0.8 / n
+        x = np.arange(len(dis.layers))
+        for k, c in enumerate(cats):
+            ax.bar(x - 0.4 + width * (k + 0.5), counts[:, k], width, label=c, color=pal[c])
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xticks(x)
+        ax.set_xticklabels(dis.layers, rotation=30 if len(dis.layers) > 4 else 0)
+        ax.set_ylabel("interpretable units")
+        ax.set_title(f"units with IoU \u2265 {dis.iou_threshold:g}")
+        ax.legend(frameon=False, fontsize="small", ncol=1, bbox_to_anchor=(1.0, 1.0), loc="upper left")
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+        return save_figure(fig, path_without_suffix, tuple(formats), close=True)
+
+
+# ------------------------------------------------------------------------------------ HTML
+def png_data_uri(arr: np.ndarray, palette_colors: int | None = None) -> str:
+    """``uint8 [H, W, 3|4]`` -> ``data:image/png;base64,...`` (RGB optionally quantised)."""
+    from PIL import Image
+
+    img = Image.fromarray(arr)
+    if palette_colors and img.mode == "RGB":
+        img = img.quantize(colors=palette_colors)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+#: mask overlay palette: 0 = clear (inside the mask), 1 = dark veil (outside), 2 = edge (yellow)
+_OVERLAY_PALETTE = [0, 0, 0, 0, 0, 0, 255, 214, 0]
+_OVERLAY_ALPHA = bytes([0, 170, 255])
+
+
+def mask_overlay(mask: np.ndarray) -> np.ndarray:
+    """``bool [h, w]`` -> ``uint8 [h, w]`` overlay indices: 0 inside the mask, 1 outside (a dark
+    veil), 2 on the mask's edge (yellow)."""
+    m = np.asarray(mask, dtype=bool)
+    out = np.where(m, 0, 1).astype(np.uint8)
+    pad = np.pad(m, 1, mode="edge")
+    edge = m & ~(pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:])
+    out[edge] = 2
+    return out
+
+
+def overlay_data_uri(mask: np.ndarray) -> str:
+    """The mask overlay as a palette PNG with transparency (a few hundred bytes)."""
+    from PIL import Image
+
+    img = Image.fromarray(mask_overlay(mask), mode="P")
+    img.putpalette(_OVERLAY_PALETTE)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", transparency=_OVERLAY_ALPHA, bits=2)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+_CSS = """
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.5em}
+table.counts{border-collapse:collapse;margin:.5em 0}table.counts td,table.counts th{border:1px solid #ccc;padding:2px 8px;text-align:right}
+table.counts th{background:#f3f3f3}
+.unit{display:inline-block;vertical-align:top;margin:6px;padding:6px;border:1px solid #ddd;border-radius:4px;width:max-content}
+.unit.dim{opacity:.55}
+.unit .cap{font-size:12px;margin-bottom:4px}
+.tile{display:inline-block;position:relative;margin-right:2px;background-size:100% 100%;image-rendering:auto}
+.tile img{position:absolute;left:0;top:0;width:100%;height:100%;image-rendering:pixelated}
+.iou{font-variant-numeric:tabular-nums}
+.note{color:#666;font-size:12px}
+"""
+
+
+def _counts_table(rows: Iterable[tuple[str, dict[str, int], int, int]], categories: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in categories)
+    out = [f"<table class='counts'><tr><th style='text-align:left'>layer</th>{head}<th>interpretable</th><th>units</th></tr>"]
+    for name, counts, n, total in rows:
+        cells = "".join(f"<td>{counts.get(c, 0)}</td>" for c in categories)
+        out.append(f"<tr><td style='text-align:left'>{name}</td>{cells}<td>{n}</td><td>{total}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+@dataclass
+class UnitTiles:
+    """What the HTML shows for one unit: its top images (keys into the image table) and masks."""
+
+    images: list[int] = field(default_factory=list)     # dataset positions
+    masks: list[np.ndarray] = field(default_factory=list)  # bool [sh, sw] each
+
+
+def write_layer_html(path: Path, dis: Dissection, layer: str, thumbs: dict[int, np.ndarray],
+                     tiles: Sequence[UnitTiles], image_ids: Sequence[str], thumb_px: int) -> Path:
+    """One self-contained page for a layer: units sorted by IoU, each with its label, IoU and top
+    images (thresholded mask over each), and the interpretable units per category."""
+    best, best_iou = dis.best(layer)
+    keep = dis.interpretable(layer)
+    counts = dis.counts(layer)
+    styles = [f".i{i}{{background-image:url({png_data_uri(t, 256)})}}" for i, t in sorted(thumbs.items())]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>neurosem dissection: {html.escape(layer)}</title>",
+        f"<style>{_CSS}{''.join(styles)}</style></head><body>",
+        "<p><a href='index.html'>&larr; all layers</a></p>",
+        f"<h1>Layer {html.escape(layer)}</h1>",
+        f"<p>{int(keep.sum())} of {len(best)} units are interpretable (best IoU &ge; {dis.iou_threshold:g}); "
+        f"quantile {dis.args.get('quantile', '?')}, run {html.escape(str(dis.path.parent))}.</p>",
+        _counts_table([(html.escape(layer), counts, int(keep.sum()), len(best))], dis.categories),
+        "<p class='note'>Each unit: its best label, category and IoU, then its top-activating images; "
+        "the region outside the thresholded mask is darkened, the mask edge is yellow.</p>",
+    ]
+    order = np.argsort(-best_iou, kind="stable")
+    for u in order:
+        label, cat, iou = dis.unit_label(layer, int(u))
+        cls = "unit" if keep[u] else "unit dim"
+        parts.append(f"<div class='{cls}' id='u{u}'><div class='cap'><b>unit {u}</b> &middot; "
+                     f"{html.escape(label)} ({html.escape(cat)}) &middot; IoU <span class='iou'>{iou:.3f}</span></div>")
+        t = tiles[u]
+        for img, mask in zip(t.images, t.masks):
+            title = html.escape(image_ids[img]) if 0 <= img < len(image_ids) else str(img)
+            parts.append(f"<span class='tile i{img}' title='{title}' style='width:{thumb_px}px;height:{thumb_px}px'>"
+                         f"<img alt='' src='{overlay_data_uri(mask)}'></span>")
+        parts.append("</div>")
+    parts.append("</body></html>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(parts), encoding="utf-8")
+    return path
+
+
+def layer_html_name(layer: str) -> str:
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in layer)
+    return f"{safe}.html"
+
+
+def write_index_html(path: Path, dis: Dissection, layer_pages: dict[str, str],
+                     figure_png: Path | None = None) -> Path:
+    """The entry page: counts per category per layer, the summary figure, links to the layers."""
+    rows = []
+    for layer in dis.layers:
+        keep = dis.interpretable(layer)
+        link = f"<a href='{html.escape(layer_pages[layer])}'>{html.escape(layer)}</a>" if layer in layer_pages \
+            else html.escape(layer)
+        rows.append((link, dis.counts(layer), int(keep.sum()), dis.n_units(layer)))
+    fig = ""
+    if figure_png is not None and Path(figure_png).is_file():
+        data = base64.b64encode(Path(figure_png).read_bytes()).decode("ascii")
+        fig = f"<p><img alt='interpretable units per category' style='max-width:640px' src='data:image/png;base64,{data}'></p>"
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>neurosem dissection</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>Network dissection</h1>",
+        f"<p>Interpretable units (best IoU &ge; {dis.iou_threshold:g}) per category of their best label. "
+        f"Quantile {dis.args.get('quantile', '?')}, {len(dis.label_names)} labels, "
+        f"Broden {html.escape(str(dis.args.get('broden', '')))}.</p>",
+        _counts_table(rows, dis.categories),
+        fig,
+        "</body></html>",
+    ]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(parts), encoding="utf-8")
+    return path
