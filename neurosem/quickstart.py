@@ -189,7 +189,7 @@ def findings_of(run) -> list[Finding]:
     described = ", ".join(f"{r['neuron']} ({r.get('label', '?')}, cos {r['similarity']:.2f})" for r in nbrs)
     out.append(Finding("neighbours", f"nearest units to {unit} by semantic vector: {described}",
                        {"neuron": unit, "neighbours": nbrs}))
-    a, b, _ = default_pair(run.path)
+    a, b, _ = default_pair(run.path, layer)  # the pair the additive figure shows
     summed = query(run.path, str(a), add=[str(b)], k=1)[0]
     la, lb = (dis.unit_label(n.layer, n.index)[0] for n in (a, b))
     out.append(Finding(

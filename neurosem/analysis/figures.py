@@ -76,25 +76,38 @@ def _open_store(rd: "RunDir") -> Any:
     return ActivationStore.open(rd.activations)
 
 
-def unit_maxima(store: Any, layer: str, units: Sequence[int], batch_size: int = 256) -> np.ndarray:
-    """Largest activation of each unit in each image: ``[n_done, len(units)]`` float32 (streamed)."""
+def unit_maxima(store: Any, layer: str, units: Sequence[int], batch_size: int = 256,
+                with_means: bool = False) -> "np.ndarray | tuple[np.ndarray, np.ndarray]":
+    """Largest activation of each unit in each image: ``[n_done, len(units)]`` float32 (streamed).
+
+    With ``with_means``, also the mean activation (same shape), which orders images of equal maxima.
+    """
     out = np.empty((store.n_done, len(units)), dtype=np.float32)
+    means = np.empty((store.n_done, len(units)), dtype=np.float32)
     idx = list(units)
     for start, batch in store.iter_batches([layer], batch_size=batch_size):
-        acts = batch[layer][:, idx]
-        out[start:start + len(acts)] = acts.reshape(len(acts), len(idx), -1).max(axis=2)
-    return out
+        acts = batch[layer][:, idx].reshape(len(batch[layer]), len(idx), -1)
+        out[start:start + len(acts)] = acts.max(axis=2)
+        means[start:start + len(acts)] = acts.astype(np.float32).mean(axis=2)
+    return (out, means) if with_means else out
 
 
 def top_images(store: Any, layer: str, unit: int, n: int) -> list[int]:
-    """Store rows of the ``n`` images where ``unit`` reaches its largest activations (ties: lower row)."""
-    return top_rows(unit_maxima(store, layer, [unit])[:, 0], n)
+    """Store rows of the ``n`` images where ``unit`` reaches its largest activations.
+
+    Equal maxima (a saturated unit) are ordered by the mean activation, then by the lower row,
+    as in the dissection report.
+    """
+    peak, mean = unit_maxima(store, layer, [unit], with_means=True)
+    return top_rows(peak[:, 0], n, tie=mean[:, 0])
 
 
-def top_rows(score: np.ndarray, n: int) -> list[int]:
-    """Indices of the ``n`` largest scores, ties broken by the lower index."""
+def top_rows(score: np.ndarray, n: int, tie: "np.ndarray | None" = None) -> list[int]:
+    """Indices of the ``n`` largest scores; ties broken by the larger ``tie`` value, then the lower index."""
     score = np.asarray(score, dtype=np.float64)
-    return [int(i) for i in np.lexsort((np.arange(len(score)), -score))[:n]]
+    rows = np.arange(len(score))
+    keys = (rows, -score) if tie is None else (rows, -np.asarray(tie, dtype=np.float64), -score)
+    return [int(i) for i in np.lexsort(keys)[:n]]
 
 
 def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -569,10 +582,10 @@ def make_figures(run: Any = None, formats: "Sequence[str] | str" = DEFAULT_FORMA
     if layer in stored:
         a, b, c = default_pair(rd, layer)
         with _open_store(rd) as store:          # one pass over the layer finds both sets of images
-            score = unit_maxima(store, layer, [nid.index, c.index])
-        fig = neighbours_figure(rd, nid, n_images=n_images, rows=top_rows(score[:, 0], n_images))
+            score, mean = unit_maxima(store, layer, [nid.index, c.index], with_means=True)
+        fig = neighbours_figure(rd, nid, n_images=n_images, rows=top_rows(score[:, 0], n_images, tie=mean[:, 0]))
         save("neighbours", fig, _jsonable(fig.neurosem_info))
-        fig = additive_figure(rd, a, add=[b], n_images=n_images, rows=top_rows(score[:, 1], n_images))
+        fig = additive_figure(rd, a, add=[b], n_images=n_images, rows=top_rows(score[:, 1], n_images, tie=mean[:, 1]))
         save("additive", fig, _jsonable(fig.neurosem_info))
     else:
         why = "no activations.h5" if not rd.activations.exists() else f"no activations of {layer} in activations.h5"

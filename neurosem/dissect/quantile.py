@@ -249,8 +249,9 @@ class TopQuantile:
 class TopImages:
     """The ``k`` images with the largest maximum activation, per unit (for the HTML report).
 
-    Ties keep the earlier image. ``result()`` gives ``(values [C, k], indices [C, k])``, with
-    index -1 (value -inf) where fewer than ``k`` images were seen.
+    Images with equal maxima (common for saturated or ReLU-clipped units) are ordered by their mean
+    activation, then the earlier image first. ``result()`` gives ``(values [C, k], indices [C, k])``
+    (values are the maxima), with index -1 (value -inf) where fewer than ``k`` images were seen.
 
     Example:
         >>> import torch
@@ -263,7 +264,15 @@ class TopImages:
     def __init__(self, n_units: int, k: int = 4, device: Any = None) -> None:
         self.n_units, self.k, self.device = int(n_units), int(k), device
         self._values = None
+        self._means = None
         self._indices = None
+
+    def _empty(self) -> None:
+        import torch
+
+        self._values = torch.full((self.n_units, 0), -math.inf, device=self.device)
+        self._means = torch.full((self.n_units, 0), -math.inf, device=self.device)
+        self._indices = torch.full((self.n_units, 0), -1, dtype=torch.long, device=self.device)
 
     def add(self, acts: Any, start: int) -> None:
         """``acts``: ``[B, C, ...]`` for images ``start .. start + B - 1``."""
@@ -274,32 +283,42 @@ class TopImages:
             self.device = x.device
         x = x.to(self.device)
         b = x.shape[0]
-        peak = x.reshape(b, self.n_units, -1).amax(2).float().t()          # [C, B]
+        flat = x.reshape(b, self.n_units, -1)
+        peak = flat.amax(2).float().t()                                    # [C, B]
+        mean = flat.float().mean(2).t()                                    # [C, B]
         idx = torch.arange(start, start + b, device=self.device).expand(self.n_units, b)
         if self._values is None:
-            self._values = torch.full((self.n_units, 0), -math.inf, device=self.device)
-            self._indices = torch.full((self.n_units, 0), -1, dtype=torch.long, device=self.device)
+            self._empty()
         vals = torch.cat([self._values, peak], dim=1)
+        means = torch.cat([self._means, mean], dim=1)
         inds = torch.cat([self._indices, idx], dim=1)
+        # Two stable sorts: by mean, then by peak; equal peaks keep the mean order, equal both
+        # keep the earlier image (kept images come first and are earlier than the new batch).
+        by_mean = torch.sort(means, dim=1, descending=True, stable=True).indices
+        vals, means, inds = vals.gather(1, by_mean), means.gather(1, by_mean), inds.gather(1, by_mean)
         order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :self.k]
-        self._values, self._indices = vals.gather(1, order), inds.gather(1, order)
+        self._values, self._means, self._indices = vals.gather(1, order), means.gather(1, order), inds.gather(1, order)
 
-    def result(self) -> tuple[Any, Any]:
+    def _padded(self) -> tuple[Any, Any, Any]:
         import torch
 
         if self._values is None:
-            return (torch.full((self.n_units, self.k), -math.inf),
-                    torch.full((self.n_units, self.k), -1, dtype=torch.long))
+            self._empty()
         pad = self.k - self._values.shape[1]
-        vals, inds = self._values.cpu(), self._indices.cpu()
+        vals, means, inds = self._values.cpu(), self._means.cpu(), self._indices.cpu()
         if pad > 0:
-            vals = torch.cat([vals, torch.full((self.n_units, pad), -math.inf)], 1)
+            fill = torch.full((self.n_units, pad), -math.inf)
+            vals, means = torch.cat([vals, fill], 1), torch.cat([means, fill], 1)
             inds = torch.cat([inds, torch.full((self.n_units, pad), -1, dtype=torch.long)], 1)
+        return vals, means, inds
+
+    def result(self) -> tuple[Any, Any]:
+        vals, _, inds = self._padded()
         return vals, inds
 
     def state_dict(self) -> dict[str, Any]:
-        vals, inds = self.result()
-        return {"n_units": self.n_units, "k": self.k, "values": vals, "indices": inds}
+        vals, means, inds = self._padded()
+        return {"n_units": self.n_units, "k": self.k, "values": vals, "means": means, "indices": inds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.n_units, self.k = int(state["n_units"]), int(state["k"])
@@ -307,4 +326,5 @@ class TopImages:
         keep = state["indices"] >= 0
         n = int(keep.sum(1).min()) if keep.numel() else 0
         self._values = state["values"][:, :n].to(dev)
+        self._means = state["means"][:, :n].to(dev)
         self._indices = state["indices"][:, :n].to(dev)

@@ -83,9 +83,10 @@ def test_mask_panels_come_from_the_store(planted):
     rd = qmod.run_dir(run)
     units = [NeuronId("layer4", u) for u in (11, 2, 5)]
     panels = figmod.mask_panels(rd, units, units[0], n_images=4)
-    # Images: where unit 11 reaches its largest activation (ties by index).
+    # Images: where unit 11 reaches its largest activation (ties by the mean, then by index).
     score = acts[:, 11].reshape(N_IMAGES, -1).max(1)
-    assert panels.rows == sorted(range(N_IMAGES), key=lambda n: (-score[n], n))[:4]
+    mean = acts[:, 11].reshape(N_IMAGES, -1).astype(np.float32).mean(1)
+    assert panels.rows == sorted(range(N_IMAGES), key=lambda n: (-score[n], -mean[n], n))[:4]
     assert panels.ids == [f"img{r:02d}.png" for r in panels.rows]
     assert panels.note is None and np.allclose(panels.images, pixels[panels.rows], atol=1e-6)
     # Maps: PIL's bilinear upsampling (the dissection's convention) of the stored maps.
@@ -289,3 +290,10 @@ def test_mask_figures_skipped_when_the_layer_was_not_recorded(tmp_path, caplog):
         paths = figmod.make_figures(run, formats="png", dpi=40)
     assert sorted(p.stem for p in paths) == ["kl_curves", "semantic_map", "similarity_heatmap"]
     assert any("no activations of layer4" in r.getMessage() for r in caplog.records)
+
+
+def test_top_rows_orders_equal_peaks_by_the_mean():
+    peak = np.array([1.0, 2.0, 2.0, 2.0, 0.5])
+    mean = np.array([0.9, 0.1, 0.3, 0.3, 0.0])
+    assert figmod.top_rows(peak, 4, tie=mean) == [2, 3, 1, 0]
+    assert figmod.top_rows(peak, 4) == [1, 2, 3, 0]

@@ -135,13 +135,16 @@ def test_top_images_match_a_sort_and_keep_earlier_images_on_ties():
     acts = rng.standard_normal((23, 5, 3, 3)).astype(np.float32)
     acts[4, 0] = acts[9, 0] = 100.0             # a tie: image 4 comes first
     acts[:, 1] = 2.0                            # all tied: images 0..3
+    acts[:, 3] = np.minimum(acts[:, 3], 0.5)    # saturated peaks: ties broken by the mean
     ti = TopImages(5, k=4)
     for s in range(0, 23, 6):
         ti.add(torch.from_numpy(acts[s:s + 6]), start=s)
     vals, idx = ti.result()
     peak = acts.reshape(23, 5, -1).max(2)
+    mean = acts.reshape(23, 5, -1).mean(2)
+    assert (peak[:, 3] == 0.5).sum() > 4        # the saturated unit really has tied peaks
     for u in range(5):
-        order = sorted(range(23), key=lambda i: (-peak[i, u], i))[:4]
+        order = sorted(range(23), key=lambda i: (-peak[i, u], -mean[i, u], i))[:4]
         assert idx[u].tolist() == order
         np.testing.assert_array_equal(vals[u].numpy(), peak[order, u])
     assert idx[0, :2].tolist() == [4, 9] and idx[1].tolist() == [0, 1, 2, 3]
