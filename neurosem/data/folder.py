@@ -97,16 +97,10 @@ class ImageFolderDataset(Dataset):
         return img.convert("RGB") if img.mode != "RGB" else img
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} images")
-        i = int(i) % len(self)
-        img = self.load_image(i)
-        if self.transform is None:
-            from neurosem.data.transforms import pil_to_tensor
+        from neurosem.data.transforms import item_image, item_index
 
-            image = pil_to_tensor(img)
-        else:
-            image = self.transform(img)
+        i = item_index(i, len(self))
+        image = item_image(self.load_image(i), self.transform)
         return {"image": image, "index": i, "id": self.image_ids[i]}
 
     def __repr__(self) -> str:

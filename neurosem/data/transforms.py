@@ -150,3 +150,15 @@ def _name(t: Callable[[Any], Any]) -> str:
     if isinstance(t, (types.FunctionType, types.BuiltinFunctionType)):
         return t.__name__
     return repr(t)
+
+
+def item_image(img: Any, transform: "Callable[[Any], Any] | None") -> Any:
+    """The ``image`` entry of a dataset item: ``transform(img)``, or :func:`pil_to_tensor` without one."""
+    return pil_to_tensor(img) if transform is None else transform(img)
+
+
+def item_index(i: int, n: int) -> int:
+    """A dataset index in ``-n .. n-1`` as ``0 .. n-1``; IndexError outside."""
+    if not -n <= i < n:
+        raise IndexError(f"index {i} out of range for {n} images")
+    return int(i) % n

@@ -14,13 +14,6 @@ from neurosem.distill import train as T
 from neurosem.distill import zoo
 from neurosem.errors import DataError, NeurosemError, RunMismatchError
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest (and fair on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 FAST = dict(protocol="paper", epochs=2, batch_size=8, num_workers=0, progress=False, device="cpu")
