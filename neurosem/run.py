@@ -90,13 +90,15 @@ def default_run_name(model: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "run"
 
 
-def resolve_run(run: "str | Path | None", model: str | None = None, must_exist: bool = False) -> RunDir:
+def resolve_run(run: "RunDir | str | Path | None", model: str | None = None, must_exist: bool = False) -> RunDir:
     """Pick the run directory a command works in.
 
     ``run`` given: that directory. Else ``runs/<model>`` when a model is given. Else the only run
     under ``runs/``; when there are several, the error lists them and asks for ``--run``.
     """
-    if run is not None:
+    if isinstance(run, RunDir):
+        rd = run
+    elif run is not None:
         rd = RunDir(Path(run))
     elif model is not None:
         rd = RunDir(RUNS_ROOT / default_run_name(model))

@@ -34,13 +34,7 @@ _EPS = 1e-12
 # ------------------------------------------------------------------------------------ run access
 def run_dir(run: "RunDir | str | Path | None") -> RunDir:
     """The run directory to read: a ``RunDir``, a path, or ``None`` = the only run under ``runs/``."""
-    if isinstance(run, RunDir):
-        rd = run
-    else:
-        rd = resolve_run(run)
-    if not rd.path.is_dir():
-        raise NeurosemError(f"run directory {rd.path} does not exist: check --run, or start with `neurosem record`")
-    return rd
+    return resolve_run(run, must_exist=True)
 
 
 def load_run_embedding(run: "RunDir | str | Path | None") -> Any:
