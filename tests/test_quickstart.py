@@ -97,3 +97,25 @@ def test_best_detector_ties_go_to_the_earlier_layer():
             return ("lbl", "cat", 0.5)
 
     assert best_detector(Fake())[:2] == ("a", 0)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(__import__("neurosem._browser", fromlist=["find_chromium"]).find_chromium() is None,
+                    reason="needs Chromium (apt-get install chromium)")
+def test_report_opens_offline_in_a_real_browser(qs, tmp_path):
+    from neurosem._browser import check_html
+
+    out, _, _ = qs
+    pages = [out / "dissect" / "index.html", out / "dissect" / "layer4.html"]
+    html = pages[1].read_text()
+    assert "http://" not in html and "https://" not in html      # self-contained: nothing fetched
+    for page in pages:
+        seen = check_html(page, screenshot=tmp_path / f"{page.stem}.png")
+        assert seen.console_errors == [], seen.console_errors
+        assert seen.images_total > 0 and seen.images_loaded == seen.images_total, seen
+        assert seen.screenshot.stat().st_size > 10_000
+    # the layer page shows every unit with its top images (4 per unit)
+    from neurosem.dissect import load_dissection
+
+    n_units = load_dissection(out).iou("layer4").shape[0]
+    assert check_html(pages[1]).images_total == 4 * n_units
