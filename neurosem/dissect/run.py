@@ -226,10 +226,11 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
                 for (start, batch), (seg, img) in bar(zip(store.iter_batches(todo, batch_size), loader),
                                                       total=-(-n // batch_size), desc="dissect: IoU",
                                                       enabled=progress, unit="batch"):
-                    seg = seg.to(dev, non_blocking=True)
-                    img = img.to(dev, non_blocking=True)
+                    # labels checked and prepared once for every layer
+                    labels_b = tallies[todo[0]].labels(seg.to(dev, non_blocking=True),
+                                                       img.to(dev, non_blocking=True))
                     for name in todo:
-                        tallies[name].add(_to_device(batch[name], dev), seg, img)
+                        tallies[name].add(_to_device(batch[name], dev), labels_b)
             for name in todo:
                 res = tallies[name].result()
                 if labels is None:
@@ -319,10 +320,11 @@ def _unit_tiles(dis: Any, layer: str, store: Any, seg_size: tuple[int, int]) -> 
     import torch
 
     from neurosem.dissect.report import UnitTiles
-    from neurosem.dissect.tally import threshold_for_dtype, unit_masks
+    from neurosem.dissect.tally import unit_masks
 
     top_i, _ = dis.top_images(layer)
-    thr = threshold_for_dtype(dis.threshold(layer, exact=True), torch.float32)
+    # the exact (float64) thresholds: unit_masks compares in the tally's dtype, as the tally did
+    thr = torch.as_tensor(dis.threshold(layer, exact=True), dtype=torch.float64)
     tiles = [UnitTiles() for _ in range(top_i.shape[0])]
     wanted: dict[int, list[int]] = {}
     for u in range(top_i.shape[0]):

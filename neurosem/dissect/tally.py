@@ -25,12 +25,15 @@ The fast path does work in proportion to what is active, never per (image, unit,
 2. an output pixel is a convex combination of the four source pixels around it, so it can only
    exceed the threshold in a *cell* (the pixels between two source rows and two source columns)
    one of whose corners does; in such a cell each output row is monotone in the column, so its
-   activated pixels form one run whose end is found by bisection with the exact value
-   (:func:`activated_runs`);
-3. the label planes are cut into *segments* (maximal runs of one label along a row); a run of
-   activated pixels meets one segment per plane in most cases, and the tallies take
-   ``overlap(run, segment)`` entries of the segment's label at once (``index_add``), for ``both``
-   (keyed by unit and label) and for the categories hit (keyed by map and category).
+   activated pixels form one run at one end of the row, whose boundary is estimated from the
+   weights and checked with the exact value (every column counted where the check fails), and
+   runs that continue into the next cell are merged (:func:`activated_runs`);
+3. the label planes become one key per entry, label plus the number of label changes so far along
+   the row (:func:`label_keys`, prepared once per batch for every layer: :meth:`Tally.labels`);
+   a run of activated pixels whose first and last keys are equal on a plane carries one label
+   there, and the tallies take ``length`` entries of it at once (``index_add``) for ``both``
+   (keyed by unit and label) and for the categories hit (keyed by map and category); the other
+   (run, plane) pairs are counted pixel by pixel.
 
 Nothing loops over images or units in Python; chunks keep intermediates under ``max_elements``.
 """
@@ -68,25 +71,56 @@ def compute_dtype(device: Any) -> Any:
 
 @dataclass
 class _Axis:
-    """Bilinear (``align_corners=False``) geometry of one axis, ``n_in -> n_out``: output ``o``
-    lies between source ``lo[o]`` and ``min(lo[o] + 1, n_in - 1)`` at weight ``lam[o]``; the
-    outputs with ``lo == i`` are ``first[i] .. first[i] + count[i] - 1`` (consecutive)."""
+    """Bilinear (``align_corners=False``) geometry of one axis, ``n_in -> n_out``, cut into *pieces*:
+    runs of consecutive outputs that lie between the same two source pixels (``src`` and
+    ``min(src + 1, n_in - 1)``), with the clamped border outputs (weight 0) apart, and at most
+    ``m = ceil(n_out / n_in)`` outputs each. Piece ``v`` holds outputs ``first[v] ..
+    first[v] + count[v] - 1`` at weights ``lam[v, :count[v]]`` (NaN past ``count[v]``: a value
+    computed there compares false); the weights of a piece grow by about ``step = n_in / n_out``
+    per output. Source pixel ``i`` owns the ``n_pieces[i]`` pieces from ``piece0[i]`` on."""
 
-    lam: Any       # [n_out]
-    first: Any     # [n_in]
-    count: Any     # [n_in]
+    first: Any      # [V]
+    count: Any      # [V]
+    lam: Any        # [V, m]
+    lam_t: Any      # [m, V] (lam transposed, contiguous)
+    lam_first: Any  # [V] lam[v, 0]
+    lam_last: Any   # [V] lam[v, count - 1]
+    n_pieces: Any   # [n_in]
+    piece0: Any     # [n_in]
+    m: int
+    step: float
 
 
 def _axis(n_in: int, n_out: int, device: Any, dtype: Any) -> _Axis:
     import torch
 
     o = torch.arange(n_out, dtype=torch.float64)
-    src = ((o + 0.5) * (n_in / n_out) - 0.5).clamp(min=0.0)
+    raw = (o + 0.5) * (n_in / n_out) - 0.5
+    src = raw.clamp(min=0.0)
     lo = src.floor().long().clamp(max=n_in - 1)
     lam = src - lo.double()
-    count = torch.bincount(lo, minlength=n_in)
-    first = torch.cumsum(count, 0) - count
-    return _Axis(lam.to(device=device, dtype=dtype), first.to(device), count.to(device))
+    m = max(1, -(-n_out // n_in))
+    pieces: list[list[int]] = []                  # [src, first, count]
+    clamped = (raw < 0).tolist()
+    for k, i in enumerate(lo.tolist()):
+        last = pieces[-1] if pieces else None
+        if last is not None and last[0] == i and clamped[last[1]] == clamped[k] and last[2] < m:
+            last[2] += 1
+        else:
+            pieces.append([i, k, 1])
+    p = torch.tensor(pieces, dtype=torch.long).reshape(-1, 3)
+    ks = torch.arange(m)
+    valid = ks[None, :] < p[:, 2:3]
+    table = torch.where(valid, lam[(p[:, 1:2] + ks[None, :]).clamp(max=n_out - 1)],
+                        torch.full((), float("nan"), dtype=torch.float64))
+    n_pieces = torch.bincount(p[:, 0], minlength=n_in)
+    piece0 = torch.cumsum(n_pieces, 0) - n_pieces
+    fl = dict(device=device, dtype=dtype)
+    return _Axis(first=p[:, 1].to(device), count=p[:, 2].to(device), lam=table.to(**fl),
+                 lam_t=table.t().contiguous().to(**fl),
+                 lam_first=table[:, 0].to(**fl),
+                 lam_last=table[torch.arange(p.shape[0]), p[:, 2] - 1].to(**fl),
+                 n_pieces=n_pieces.to(device), piece0=piece0.to(device), m=m, step=n_in / n_out)
 
 
 def _expand(count: Any) -> tuple[Any, Any]:
@@ -108,8 +142,8 @@ def bilinear_value(a: Any, b: Any, c: Any, d: Any, ly: Any, lx: Any) -> Any:
     left), ``d`` (bottom right) at weights ``ly`` (down) and ``lx`` (right), in the exact order of
     operations the tally uses: ``A + lx·B`` with ``A = a + ly(c - a)`` and
     ``B = (b - a) + ly((d - c) - (b - a))`` (bilinear; monotone in ``lx`` for a fixed row, also
-    after rounding, which lets the tally search each row's mask boundary instead of testing every
-    pixel). Works on numpy arrays and tensors alike.
+    after rounding, which lets the tally find each row's mask boundary from a few values instead
+    of testing every pixel). Works on numpy arrays and tensors alike.
     """
     return (a + ly * (c - a)) + lx * ((b - a) + ly * ((d - c) - (b - a)))
 
@@ -132,19 +166,22 @@ def activated_runs(maps: Any, thresholds: Any, size: tuple[int, int],
     Returns:
         ``(map [R], row [R], col [R], length [R])``: the activated pixels are ``(row, col + k)``
         for ``0 <= k < length`` of each run (runs do not overlap; neighbouring runs of one row
-        are not merged). Maps whose maximum does not exceed the threshold have none.
+        are mostly, not always, merged). Maps whose maximum does not exceed the threshold have
+        none.
 
     Only *cells* (the pixels between two source rows and two source columns) with a corner above
     the threshold can hold activated pixels (a bilinear value is a convex combination of its
     corners). In such a cell, each output row's value is monotone in the column, so its activated
-    pixels are a run at one end; the run's boundary is found by a binary search that evaluates
-    :func:`bilinear_value` exactly, so the result is the same as testing every pixel.
+    pixels are a run at one end: the row is entirely in or out when both of its end values are,
+    and otherwise its activated pixels are counted by evaluating :func:`bilinear_value` exactly at
+    each of its columns, so the result is the same as testing every pixel. All of it is a few
+    tensor operations over all the candidate cells and rows of all the maps at once.
 
     Example:
         >>> import torch
         >>> m, r, c, n = activated_runs(torch.tensor([[[0., 1.]]]), torch.tensor([0.5]), (1, 4))
-        >>> c.tolist(), n.tolist()          # values 0, 0.25 | 0.75, 1: one run per cell
-        ([2, 3], [1, 1])
+        >>> c.tolist(), n.tolist()          # values 0, 0.25, 0.75, 1: columns 2 and 3
+        ([2], [2])
     """
     import torch
 
@@ -166,72 +203,92 @@ def activated_runs(maps: Any, thresholds: Any, size: tuple[int, int],
     if key not in axes:
         axes[key] = (_axis(h, sh, x.device, dtype), _axis(w, sw, x.device, dtype))
     ar, ac = axes[key]
-    # Corners of cell (i, j): rows i, min(i+1, h-1) and columns j, min(j+1, w-1).
-    rows = torch.maximum(x, torch.cat([x[:, 1:], x[:, -1:]], 1))
-    cellmax = torch.maximum(rows, torch.cat([rows[:, :, 1:], rows[:, :, -1:]], 2))
-    # candidate cells: a corner above the threshold and at least one output pixel
-    has_pixels = (ar.count > 0)[:, None] & (ac.count > 0)[None, :]
-    cand = ((cellmax > t[:, None, None]) & has_pixels).nonzero()              # [N, 3] (map, i, j)
-    rr, rc = int(ar.count.max()), int(ac.count.max())
-    chunk = max(1, max_elements // (8 * rr))
-    steps = max(1, rc.bit_length())
+    mr = ar.m
+    # Candidate cells: a corner above the threshold (corners of cell (i, j): rows i, min(i+1, h-1)
+    # and columns j, min(j+1, w-1)) and at least one output pixel.
+    above = x > t[:, None, None]
+    rows = above.clone()
+    rows[:, :-1] |= above[:, 1:]
+    cells = rows.clone()
+    cells[:, :, :-1] |= rows[:, :, 1:]
+    cells &= (ar.n_pieces > 0)[:, None] & (ac.n_pieces > 0)[None, :]
+    cand = cells.nonzero()                                                     # [N, 3] (map, i, j)
+    chunk = max(1, max_elements // (4 * mr))
     out_m, out_r, out_c, out_n = [], [], [], []
     flat = x.reshape(-1)
+    lam_c = ac.lam.reshape(-1)
     for c0 in range(0, cand.shape[0], chunk):
         p, i, j = cand[c0:c0 + chunk].unbind(1)
+        # the pieces of each cell (one piece per cell but at the borders)
+        npc = ar.n_pieces.index_select(0, i) * ac.n_pieces.index_select(0, j)
+        if int(npc.max()) > 1:
+            owner, rank = _expand(npc)
+            p, i, j = p.index_select(0, owner), i.index_select(0, owner), j.index_select(0, owner)
+            ncj = ac.n_pieces.index_select(0, j)
+            vi = ar.piece0.index_select(0, i) + torch.div(rank, ncj, rounding_mode="floor")
+            vj = ac.piece0.index_select(0, j) + rank % ncj
+        else:
+            vi, vj = ar.piece0.index_select(0, i), ac.piece0.index_select(0, j)
         i1, j1 = (i + 1).clamp(max=h - 1), (j + 1).clamp(max=w - 1)
         a, b, c, d = (flat.index_select(0, p * (h * w) + r * w + col)        # [N] cell corners
                       for r, col in ((i, j), (i, j1), (i1, j), (i1, j1)))
-        ca, ba, dc = c - a, b - a, d - c
-        # one entry per (cell, output row of the cell)
-        nrow = ar.count.index_select(0, i)
-        n_rows = int(nrow.sum())
-        if n_rows == 0:
+        ba = b - a
+        # one entry per (output row of the piece, piece): value = A + lx * B, monotone in lx.
+        # (Rows first: the elementwise work then runs along long contiguous rows.)
+        ly = ar.lam_t.index_select(1, vi)                                     # [mr, N]; NaN: no row
+        A = a + ly * (c - a)
+        B = ba + ly * ((d - c) - ba)
+        tq = t.index_select(0, p)
+        g0 = (A + ac.lam_first.index_select(0, vj) * B) > tq                 # first column on
+        g1 = (A + ac.lam_last.index_select(0, vj) * B) > tq                  # last column on
+        keep = (g0 | g1).view(-1).nonzero()[:, 0]
+        if keep.numel() == 0:
             continue
-        _, rank = _expand(nrow)
-
-        def per_row(v: Any) -> Any:
-            return torch.repeat_interleave(v, nrow, output_size=n_rows)
-
-        orow = per_row(ar.first.index_select(0, i)) + rank
-        ly = ar.lam.index_select(0, orow)
-        A = per_row(a) + ly * per_row(ca)                                     # value = A + lx * B
-        ba_r = per_row(ba)
-        B = ba_r + ly * (per_row(dc) - ba_r)
-        f, ncol = per_row(ac.first.index_select(0, j)), per_row(ac.count.index_select(0, j))
-        tq = per_row(t.index_select(0, p))
-        dec = B < 0                                                           # the run is on the left
-        v0 = A + ac.lam.index_select(0, f) * B
-        v1 = A + ac.lam.index_select(0, (f + ncol - 1).clamp(min=0)) * B
-        low, high = torch.where(dec, v1, v0), torch.where(dec, v0, v1)
-        full = (low > tq) & (ncol > 0)
-        is_mixed = (high > tq) & ~full
-        mixed = is_mixed.nonzero()[:, 0]
-        # mixed rows: the first column k with (value > t) != dec, by bisection (monotone in k)
-        k = torch.zeros_like(f)
-        if mixed.numel():
-            mA, mB, mf, mt, mdec = (v.index_select(0, mixed) for v in (A, B, f, tq, dec))
-            lo = torch.zeros_like(mf)
-            hi = ncol.index_select(0, mixed)
-            for _ in range(steps):
-                live = lo < hi
-                mid = (lo + hi) >> 1
-                lx = ac.lam.index_select(0, (mf + mid).clamp(max=sw - 1))
-                pred = (mA + lx * mB > mt) != mdec
-                hi = torch.where(live & pred, mid, hi)
-                lo = torch.where(live & ~pred, mid + 1, lo)
-            k.index_copy_(0, mixed, lo)
-        start = torch.where(full | dec, torch.zeros_like(k), k)
-        stop = torch.where(full, ncol, torch.where(dec, k, ncol))
-        length = torch.where(full | is_mixed, stop - start, torch.zeros_like(start))
-        total = int(length.sum())
-        if total == 0:
-            continue
-        keep = (length > 0).nonzero()[:, 0]
-        out_m.append(per_row(p).index_select(0, keep))
-        out_r.append(orow.index_select(0, keep))
-        out_c.append((f + start).index_select(0, keep))
-        out_n.append(length.index_select(0, keep))
+        n_cells = p.shape[0]
+        cell = keep % n_cells
+        g0, g1 = g0.view(-1).index_select(0, keep), g1.view(-1).index_select(0, keep)
+        A, B = A.view(-1).index_select(0, keep), B.view(-1).index_select(0, keep)
+        tk = t.index_select(0, p.index_select(0, cell))
+        vjk = vj.index_select(0, cell)
+        ncol = ac.count.index_select(0, vjk)
+        # a mixed row (one end on, the other off) switches once: at b, the first column whose
+        # state differs from the first column's. Estimate b from the weights' step, check the
+        # two columns around it exactly, and count every column of the rows where that fails.
+        kf = ((tk - A) / B
+              - ac.lam_first.index_select(0, vjk)) / ac.step
+        kf = torch.where(g0, kf.ceil(), kf.floor() + 1)
+        bnd = torch.minimum(kf.clamp(min=1.0), (ncol - 1).to(kf.dtype)).long()
+        base = vjk * ac.m
+        before = (A + lam_c.index_select(0, base + (bnd - 1).clamp(min=0)) * B > tk) != g0
+        after = (A + lam_c.index_select(0, base + torch.minimum(bnd, ncol - 1)) * B > tk) != g0
+        mixed = g0 != g1
+        bad = (mixed & (before | ~after)).nonzero()[:, 0]
+        if bad.numel():
+            vals = (A.index_select(0, bad)[:, None]
+                    + ac.lam.index_select(0, vjk.index_select(0, bad)) * B.index_select(0, bad)[:, None])
+            on = (vals > tk.index_select(0, bad)[:, None]).sum(1)
+            g0b = g0.index_select(0, bad)
+            bnd.index_copy_(0, bad, torch.where(g0b, on, ncol.index_select(0, bad) - on))
+        # full rows: all ncol columns; mixed: [0, b) when the first column is on, else [b, ncol)
+        ln = torch.where(mixed, torch.where(g0, bnd, ncol - bnd), ncol)
+        start = torch.where(g0, torch.zeros_like(ln), ncol - ln)
+        # Merge the runs that continue in the next piece of the row (its first column is on):
+        # they are consecutive entries. Fewer, longer runs make the label lookups cheaper.
+        adj = torch.zeros(n_cells, dtype=torch.bool, device=x.device)
+        adj[:-1] = (p[1:] == p[:-1]) & (vi[1:] == vi[:-1]) & (vj[1:] == vj[:-1] + 1)
+        touch = g1[:-1] & g0[1:] & (keep[1:] == keep[:-1] + 1) & adj.index_select(0, cell[:-1])
+        heads = torch.cat([torch.ones(1, dtype=torch.bool, device=x.device), ~touch]).nonzero()[:, 0]
+        if heads.shape[0] < keep.shape[0]:
+            csum = torch.cumsum(ln, 0)
+            ends = torch.cat([heads[1:] - 1, heads.new_tensor([keep.shape[0] - 1])])
+            ln = csum.index_select(0, ends) - csum.index_select(0, heads) + ln.index_select(0, heads)
+            keep, cell, vjk = keep.index_select(0, heads), cell.index_select(0, heads), vjk.index_select(0, heads)
+            start = start.index_select(0, heads)
+        out_m.append(p.index_select(0, cell))
+        out_r.append(ar.first.index_select(0, vi.index_select(0, cell))
+                     + torch.div(keep, n_cells, rounding_mode="floor"))
+        out_c.append(ac.first.index_select(0, vjk) + start)
+        out_n.append(ln)
     if not out_m:
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
         return empty, empty, empty, empty
@@ -277,6 +334,55 @@ def unit_masks(acts: Any, thresholds: Any, size: tuple[int, int]) -> Any:
     mask = torch.zeros(b * c, sh * sw, dtype=torch.bool, device=acts.device)
     mask[m, p] = True
     return mask.view(b, c, sh, sw)
+
+
+def label_keys(seg: Any, n_labels: int | None = None) -> Any:
+    """The label planes ``seg: [B, P, sh, sw]`` as one key per entry, flattened like ``seg``:
+    ``changes << 16 | label`` (int32; int64 for labels >= 2**16 or rows of 2**15 pixels or
+    more), where ``changes`` counts the label changes along the row up to the entry. The entries
+    ``e .. e + n - 1`` of one row then carry one label iff their first and last keys are equal,
+    and ``key & 0xFFFF`` is the label (``key & 0xFFFFFFFF`` with int64 keys). ``n_labels``: an
+    upper bound of the label numbers when known (saves a pass over ``seg``).
+
+    Example:
+        >>> import torch
+        >>> label_keys(torch.tensor([[[[3, 3, 5]]]])).tolist()
+        [3, 3, 65541]
+    """
+    import torch
+
+    sw = seg.shape[-1]
+    rows = seg.reshape(-1, sw)
+    if n_labels is None:
+        n_labels = int(rows.max()) + 1 if rows.numel() else 0
+    small = sw < 2 ** 15 and n_labels <= 2 ** 16
+    dtype, scale = (torch.int32, 2 ** 16) if small else (torch.int64, 2 ** 32)
+    flat = rows.reshape(-1)
+    # label changes between neighbours in the flattened planes; the first entry of a row compares
+    # with the previous row's last, which shifts the whole row's count and changes no equality
+    change = torch.empty(flat.shape, dtype=torch.bool, device=seg.device)
+    if flat.numel():
+        change[0] = False
+        torch.ne(flat[1:], flat[:-1], out=change[1:])
+    counts = torch.cumsum(change.view(rows.shape), 1, dtype=dtype)
+    return torch.add(rows.to(dtype), counts, alpha=scale).view(-1)
+
+
+@dataclass
+class LabelBatch:
+    """A batch of Broden labels, checked and prepared once for every layer (:meth:`Tally.labels`).
+
+    Attributes:
+        seg: ``[B, P, sh, sw]`` label planes (long); image_labels: ``[B, M]`` (long);
+        gt: ``[n_labels]`` the batch's label counts; keys: :func:`label_keys` of ``seg``;
+        primary: the primary categories the labels were checked against.
+    """
+
+    seg: Any
+    image_labels: Any
+    gt: Any
+    keys: Any
+    primary: Any
 
 
 @dataclass
@@ -399,27 +505,30 @@ class Tally:
         self.n_images = 0
 
     # -- streaming -------------------------------------------------------------------------------
-    def add(self, acts: Any, seg: Any, image_labels: Any = None) -> None:
-        """Tally a batch.
+    def labels(self, seg: Any, image_labels: Any = None) -> "LabelBatch":
+        """A batch of labels checked and prepared once, for :meth:`add` of this tally and of any
+        other tally made with the same labels (every layer of a dissection).
 
         Args:
-            acts: ``[B, C, h, w]`` activations (any float dtype; array or tensor).
             seg: ``[B, P, sh, sw]`` integer label planes (global label numbers, 0 = none).
             image_labels: ``[B, M]`` image-level label numbers (0 = padding), or ``None``.
+
+        Example:
+            >>> import torch
+            >>> t = Tally(torch.tensor([0.5]), primary_category=[-1, 0], n_categories=1)
+            >>> batch = t.labels(torch.tensor([[[[1, 1], [0, 0]]]]))
+            >>> t.add(torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]]), batch)
+            >>> batch.gt[1:].tolist(), t.result().iou.round(6).tolist()     # gt[0]: no label
+            ([2], [[0.5]])
         """
         import torch
 
-        acts = torch.as_tensor(acts)
         seg = torch.as_tensor(seg)
-        if acts.dim() != 4 or acts.shape[1] != self.n_units:
-            raise NeurosemError(
-                f"Tally expects activations [B, {self.n_units}, h, w], got {tuple(acts.shape)}")
         if seg.dim() == 3:
             seg = seg[:, None]
-        if seg.dim() != 4 or seg.shape[0] != acts.shape[0]:
-            raise NeurosemError(
-                f"Tally expects label planes [B={acts.shape[0]}, P, sh, sw], got {tuple(seg.shape)}")
-        b = acts.shape[0]
+        if seg.dim() != 4:
+            raise NeurosemError(f"Tally expects label planes [B, P, sh, sw], got {tuple(seg.shape)}")
+        b = seg.shape[0]
         if image_labels is None:
             image_labels = torch.zeros(b, 0, dtype=torch.long)
         image_labels = torch.as_tensor(image_labels)
@@ -428,17 +537,56 @@ class Tally:
         if image_labels.dim() != 2 or image_labels.shape[0] != b:
             raise NeurosemError(
                 f"Tally expects image labels [B={b}, M], got {tuple(image_labels.shape)}")
-        if b == 0:
-            return
         seg = seg.to(self.device, torch.long, non_blocking=True)
         image_labels = image_labels.to(self.device, torch.long, non_blocking=True)
         gt = self._count_labels(seg)
         gt += self._count_labels(image_labels) * (seg.shape[-2] * seg.shape[-1])
+        return LabelBatch(seg=seg, image_labels=image_labels, gt=gt,
+                          keys=label_keys(seg, self.n_labels), primary=self.primary)
+
+    def add(self, acts: Any, seg: Any, image_labels: Any = None) -> None:
+        """Tally a batch.
+
+        Args:
+            acts: ``[B, C, h, w]`` activations (any float dtype; array or tensor).
+            seg: ``[B, P, sh, sw]`` integer label planes (global label numbers, 0 = none), or a
+                :class:`LabelBatch` from :meth:`labels` (then ``image_labels`` is in it).
+            image_labels: ``[B, M]`` image-level label numbers (0 = padding), or ``None``.
+        """
+        import torch
+
+        acts = torch.as_tensor(acts)
+        if acts.dim() != 4 or acts.shape[1] != self.n_units:
+            raise NeurosemError(
+                f"Tally expects activations [B, {self.n_units}, h, w], got {tuple(acts.shape)}")
+        b = acts.shape[0]
+        if isinstance(seg, LabelBatch):
+            if seg.primary is not self.primary and not torch.equal(seg.primary, self.primary):
+                raise NeurosemError("the LabelBatch was prepared for other labels: prepare it with "
+                                    "this tally's labels()")
+            if image_labels is not None:
+                raise NeurosemError("pass the image labels to labels(), not with a LabelBatch")
+            batch = seg
+        else:
+            seg = torch.as_tensor(seg)
+            if seg.dim() == 3:
+                seg = seg[:, None]
+            if seg.dim() != 4 or seg.shape[0] != b:
+                raise NeurosemError(
+                    f"Tally expects label planes [B={b}, P, sh, sw], got {tuple(seg.shape)}")
+            if b == 0:
+                return
+            batch = self.labels(seg, image_labels)
+        if batch.seg.shape[0] != b:
+            raise NeurosemError(f"Tally expects label planes [B={b}, P, sh, sw], got "
+                                f"{tuple(batch.seg.shape)}")
+        if b == 0:
+            return
         acts = acts.to(self.device, non_blocking=True)
         if acts.dtype not in (torch.float32, torch.float64):
             acts = acts.float()
-        self._add(acts, seg, image_labels)
-        self.gt += gt
+        self._add(acts, batch)
+        self.gt += batch.gt.to(self.device)
         self.n_images += b
 
     def _count_labels(self, labels: Any) -> Any:
@@ -468,26 +616,17 @@ class Tally:
                 "label PNGs")
         return counts
 
-    def _add(self, acts: Any, seg: Any, image_labels: Any) -> None:
+    def _add(self, acts: Any, batch: "LabelBatch") -> None:
         import torch
 
+        seg, image_labels = batch.seg.to(self.device), batch.image_labels.to(self.device)
+        keys = batch.keys.to(self.device)
         b, c, h, w = acts.shape
         planes, sh, sw = seg.shape[1:]
         s, nl, k = sh * sw, self.n_labels, self.n_categories
-        # Label segments: maximal runs of one label along a row of one plane. An activated run of
-        # pixels then meets only a few segments per plane, whatever its length.
-        lab = seg.reshape(-1)                                                   # (image, plane, row, col)
-        rows = lab.view(-1, sw)
-        new = torch.ones_like(rows, dtype=torch.bool)
-        new[:, 1:] = rows[:, 1:] != rows[:, :-1]
-        new = new.view(-1)
-        seg_of = torch.cumsum(new, 0) - 1                                       # segment of each entry
-        starts = new.nonzero()[:, 0]
-        seg_label = lab.index_select(0, starts)
-        seg_col = starts % sw
-        seg_len = torch.diff(starts, append=starts.new_tensor([lab.numel()]))   # a row starts a segment
-        plane_rows = torch.arange(planes, device=self.device) * (sh * sw)       # offset of each plane
-
+        mask = 0xFFFF if keys.dtype == torch.int32 else 0xFFFFFFFF
+        plane_off = torch.arange(planes, device=self.device) * s                # offset of each plane
+        both = self.both.view(-1)
         # NetDissect-Lite's rule: a map whose maximum does not exceed the threshold has no mask.
         pairs = (acts.amax(dim=(2, 3)).to(self._dtype) > self._thr).nonzero()   # [n, 2] (image, unit)
         maps_all = acts.reshape(b * c, h, w)
@@ -501,55 +640,46 @@ class Tally:
                                             self.max_elements, self._axes)
             size = torch.zeros(n, dtype=torch.long, device=self.device).index_add_(0, rm, rn)
             self.unit_pixels.index_add_(0, ui, size)
-            hit = torch.zeros(n * (k + 1), dtype=torch.long, device=self.device)
+            hit = torch.zeros(n * (k + 1), dtype=torch.bool, device=self.device)
             step = max(1, self.max_elements // (4 * planes))
             for q0 in range(0, rm.shape[0], step):
                 m, r, c0, ln = (v[q0:q0 + step] for v in (rm, rr, rc, rn))
-                # the first entry of each (run, plane) in the flattened label planes
-                first = ((bi.index_select(0, m) * (planes * s) + r * sw + c0)[:, None] + plane_rows).reshape(-1)
-                s0 = seg_of.index_select(0, first)
-                s1 = seg_of.index_select(0, first + ln.repeat_interleave(planes) - 1)
+                # each (run, plane): its first and last entry in the flattened label planes
+                first = ((bi.index_select(0, m) * (planes * s) + r * sw + c0)[:, None]
+                         + plane_off).view(-1)                                  # [R * P]
+                last = first + (ln - 1).repeat_interleave(planes)
+                key = keys.index_select(0, first)
+                one = key == keys.index_select(0, last)                        # one label: at once
+                label = (key & mask).long()
                 owner = m.repeat_interleave(planes)
-                length = ln.repeat_interleave(planes)
-                # most (run, plane) pairs lie in one segment: its label, over the whole run
-                one = s0 == s1
-                label = seg_label.index_select(0, s0)
-                keep = (one & (label > 0)).nonzero()[:, 0]
-                self._count(ui, owner.index_select(0, keep), label.index_select(0, keep),
-                            length.index_select(0, keep), hit, nl, k)
-                # the others meet several segments: one entry per (run, plane, segment)
+                count = ln.repeat_interleave(planes)
+                both.index_add_(0, ui.index_select(0, owner) * nl + label, count * one)
+                cat = torch.where(one, self._category_of.index_select(0, label), k)
+                hit.index_fill_(0, owner * (k + 1) + cat, True)
+                # the others, pixel by pixel
                 multi = (~one).nonzero()[:, 0]
                 if multi.numel():
-                    s0, nseg = s0.index_select(0, multi), (s1 - s0 + 1).index_select(0, multi)
-                    lo_col = (c0.repeat_interleave(planes)).index_select(0, multi)
-                    hi_col = lo_col + length.index_select(0, multi)
-                    total = int(nseg.sum())
-                    _, rank = _expand(nseg)
-
-                    def rep(v: Any) -> Any:
-                        return torch.repeat_interleave(v, nseg, output_size=total)
-
-                    sid = rep(s0) + rank
-                    a_col = seg_col.index_select(0, sid)
-                    overlap = (torch.minimum(a_col + seg_len.index_select(0, sid), rep(hi_col))
-                               - torch.maximum(a_col, rep(lo_col)))
-                    self._count(ui, rep(owner.index_select(0, multi)), seg_label.index_select(0, sid),
-                                overlap, hit, nl, k)
-            hit = hit.view(n, k + 1)[:, :k] > 0
+                    cnt = count.index_select(0, multi)
+                    total = int(cnt.sum())
+                    offset = first.index_select(0, multi) - (torch.cumsum(cnt, 0) - cnt)
+                    pix = (torch.repeat_interleave(offset, cnt, output_size=total)
+                           + torch.arange(total, device=self.device))
+                    plab = keys.index_select(0, pix) & mask
+                    own = owner.index_select(0, multi)
+                    both.index_add_(0, torch.repeat_interleave(ui.index_select(0, own) * nl, cnt,
+                                                               output_size=total) + plab,
+                                    torch.ones(1, dtype=torch.long, device=self.device).expand(total))
+                    hit.index_fill_(0, torch.repeat_interleave(own * (k + 1), cnt, output_size=total)
+                                    + self._category_of.index_select(0, plab), True)
+            hit = hit.view(n, k + 1)[:, :k]
             if image_labels.numel():
                 il = image_labels.index_select(0, bi)                            # [n, M]
-                self.both.view(-1).index_add_(0, (ui[:, None] * nl + il).reshape(-1),
-                                              size[:, None].expand(il.shape).reshape(-1))
+                both.index_add_(0, (ui[:, None] * nl + il).reshape(-1),
+                                size[:, None].expand(il.shape).reshape(-1))
                 img_hit = torch.zeros(n, k + 1, dtype=torch.bool, device=self.device)
                 img_hit.scatter_(1, self._category_of.index_select(0, il.reshape(-1)).view(il.shape), True)
-                hit |= img_hit[:, :k] & (size > 0)[:, None]
+                hit = hit | (img_hit[:, :k] & (size > 0)[:, None])
             self.act.index_add_(0, ui, hit.long() * size[:, None])
-
-    def _count(self, ui: Any, owner: Any, label: Any, count: Any, hit: Any, nl: int, k: int) -> None:
-        """``count`` activated entries of ``label`` for map ``owner``: into ``both`` (by the map's
-        unit) and into the map's category hits (label 0 lands in column 0 / category K)."""
-        self.both.view(-1).index_add_(0, ui.index_select(0, owner) * nl + label, count)
-        hit.index_add_(0, owner * (k + 1) + self._category_of.index_select(0, label), count)
 
     # -- results ---------------------------------------------------------------------------------
     def result(self) -> TallyResult:

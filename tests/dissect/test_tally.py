@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from neurosem.dissect.quantile import TopQuantile
-from neurosem.dissect.tally import (Tally, activated_pixels, best_labels, bilinear_value,
-                                    threshold_for_dtype, unit_masks)
+from neurosem.dissect.tally import (LabelBatch, Tally, activated_pixels, best_labels, bilinear_value,
+                                    label_keys, threshold_for_dtype, unit_masks)
 from neurosem.errors import DataError, NeurosemError
 
 
@@ -161,6 +161,79 @@ def test_activated_pixels_equal_a_dense_bilinear_threshold(h, w, sh, sw):
         np.testing.assert_array_equal(got, ref)
     masks = unit_masks(torch.from_numpy(maps)[None], torch.from_numpy(thr), (sh, sw))[0]
     np.testing.assert_array_equal(masks.reshape(12, -1).numpy(), ref)
+
+
+@pytest.mark.parametrize("h,w,sh,sw", [(3, 3, 48, 48), (7, 5, 30, 17), (4, 6, 13, 29)])
+def test_activated_pixels_are_exact_where_rounding_decides_the_boundary(h, w, sh, sw):
+    # maps that are nearly flat (differences of 1e-17 .. 1e-13 on values ~1 in float64, 1e-8 ..
+    # 1e-4 in float32): whether a pixel exceeds the threshold is decided by the last bits of the value,
+    # where the fast path's estimate of a row's boundary can be off and must be checked exactly.
+    rng = np.random.default_rng(h * w + sh)
+    n = 150
+    base = rng.standard_normal((n, 1, 1))
+    for dtype, lo in ((np.float64, -17), (np.float32, -8)):
+        maps = base + rng.standard_normal((n, h, w)) * 10.0 ** rng.integers(lo, lo + 5, (n, 1, 1))
+        m64 = maps.astype(dtype).astype(np.float64)
+        thr = np.array([np.quantile(x, 0.6) for x in m64])
+        ref = np.stack([plain_bilinear(m64[i], sh, sw).ravel() > thr[i] for i in range(n)])
+        m, p = activated_pixels(torch.from_numpy(maps.astype(dtype)), torch.from_numpy(thr), (sh, sw))
+        got = np.zeros_like(ref)
+        got[m.numpy(), p.numpy()] = True
+        assert len(m) == got.sum() and ref.sum() > 1000                  # no pixel twice; not vacuous
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_label_keys_tell_single_label_runs():
+    seg = torch.tensor([[[[3, 3, 5, 5, 3], [0, 0, 0, 7, 7]]]])       # [1, 1, 2, 5]
+    keys = label_keys(seg)
+    assert keys.dtype == torch.int32
+    assert ((keys & 0xFFFF) == seg.reshape(-1)).all()
+    rng = np.random.default_rng(0)
+    seg = torch.from_numpy(rng.integers(0, 4, (3, 2, 6, 40)) * (rng.random((3, 2, 6, 40)) < 0.9))
+    seg = torch.repeat_interleave(seg, 3, dim=-1)                       # runs of equal labels
+    for n_labels in (None, 4, 70000):                                  # int32 and int64 keys
+        keys = label_keys(seg, n_labels)
+        mask = 0xFFFF if keys.dtype == torch.int32 else 0xFFFFFFFF
+        assert keys.dtype == (torch.int64 if n_labels == 70000 else torch.int32)
+        assert torch.equal((keys & mask).long(), seg.reshape(-1))
+        rows = seg.reshape(-1, 120)
+        for _ in range(300):
+            r, c0 = int(rng.integers(rows.shape[0])), int(rng.integers(120))
+            n = int(rng.integers(1, 121 - c0))
+            e = r * 120 + c0
+            one = bool(keys[e] == keys[e + n - 1])
+            assert one == (len(set(rows[r, c0:c0 + n].tolist())) == 1)
+
+
+def test_labels_prepared_once_serve_every_layer(synthetic_labels):
+    ds, seg, img = synthetic_labels
+    k = len(ds.categories)
+    rng = np.random.default_rng(3)
+    acts = {c: np.maximum(rng.standard_normal((20, c, s, s)) + 0.3, 0).astype(np.float16)
+            for c, s in ((4, 7), (3, 12))}
+    thr = {c: np.quantile(np.moveaxis(a, 1, 0).reshape(c, -1).astype(np.float64), 0.95, axis=1)
+           for c, a in acts.items()}
+    shared = {c: Tally(thr[c], ds.primary_category, k) for c in acts}
+    own = {c: Tally(thr[c], ds.primary_category, k) for c in acts}
+    for s in range(0, 20, 10):
+        batch = shared[4].labels(seg[s:s + 10], img[s:s + 10])
+        assert isinstance(batch, LabelBatch)
+        for c in acts:
+            shared[c].add(acts[c][s:s + 10], batch)
+            own[c].add(acts[c][s:s + 10], seg[s:s + 10], img[s:s + 10])
+    for c in acts:
+        a, b = shared[c].result(), own[c].result()
+        np.testing.assert_array_equal(a.both, b.both)
+        np.testing.assert_array_equal(a.act, b.act)
+        np.testing.assert_array_equal(a.gt, b.gt)
+        assert a.n_images == b.n_images == 20 and a.both.sum() > 0
+    other = Tally(thr[4], [-1] * len(ds.primary_category), k)
+    with pytest.raises(NeurosemError, match="other labels"):
+        other.add(acts[4][:10], batch)
+    with pytest.raises(NeurosemError, match="image labels"):
+        shared[4].add(acts[4][:10], batch, img[:10])
+    with pytest.raises(NeurosemError, match="label planes"):
+        shared[4].add(acts[4][:3], batch)
 
 
 def test_threshold_rounding_keeps_strict_comparisons_exact():
