@@ -484,7 +484,7 @@ def embed(model: "str | None" = None, data: Any = None, run: "str | Path | None"
                                                   milestones, temperature, max_steps, tol, layers)
     dim = int(dim)
     dev = resolve_device(device)
-    rd = resolve_run(run, model)
+    rd = resolve_run(run, getattr(model, "spec", model))
     source = (ModelSource(model, data, layer_list, weights, batch_size, dev, progress) if no_store
               else StoreSource.for_run(rd, model, data, layer_list, weights, batch_size, dev, progress))
     try:

@@ -32,13 +32,14 @@ CIFAR zoo models use ``neurosem.distill.zoo.ALIGNED_LAYERS[name]``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from neurosem.errors import NeurosemError
 from neurosem.ids import closest_names
@@ -178,7 +179,8 @@ def _load_torchvision(name: str, weights: str, num_classes: int | None, warn: bo
         model = _torchvision_pretrained(tv, name, default_w)
         desc = f"torchvision:{default_w}"
     elif weights == "none":
-        model = tv.models.get_model(name, weights=None, **kwargs)
+        with _seeded():  # the same random weights every time: a resumed recording stays one model
+            model = tv.models.get_model(name, weights=None, **kwargs)
         _warn_random(name, warn)
         desc = "none"
     else:
@@ -345,7 +347,8 @@ def load_weights_file(model: "nn.Module", path: "str | Path") -> str:
 def _load_zoo(name: str, weights: str, num_classes: int | None, zoo: dict, aligned: dict,
               warn: bool = True) -> LoadedModel:
     n = 100 if num_classes is None else int(num_classes)
-    model = zoo[name](num_classes=n)
+    with _seeded():  # deterministic initialisation, so "--weights none" names one model
+        model = zoo[name](num_classes=n)
     if weights == "none":
         _warn_random(name, warn)
         desc = "none"
@@ -407,7 +410,9 @@ def _load_factory(spec: str, weights: str, warn: bool = True) -> LoadedModel:
     if not isinstance(model, torch.nn.Module):
         raise NeurosemError(f"{spec}: {attr}() returned {type(model).__name__}, not a torch.nn.Module")
     if weights == "default":
-        desc = "factory"
+        # What the factory built (its own weights, or its own random init): identified by content,
+        # so a changed factory is never mistaken for the recorded one.
+        desc = f"factory#{state_digest(model)}"
     elif weights == "none":
         _reset_parameters(model)
         _warn_random(spec, warn)
@@ -434,13 +439,34 @@ def _probe_layers(model: "nn.Module") -> tuple[tuple[int, int, int], list[str]]:
 
 
 def _reset_parameters(model: "nn.Module") -> None:
+    with _seeded():
+        for m in model.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int = 0) -> Iterator[None]:
+    """Run with torch's CPU generator seeded, restoring the caller's random state afterwards."""
     import torch
 
-    torch.manual_seed(0)
-    for m in model.modules():
-        reset = getattr(m, "reset_parameters", None)
-        if callable(reset):
-            reset()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def state_digest(model: "nn.Module") -> str:
+    """16 hex digits of SHA-256 over a model's state dict (names, shapes, dtypes, values)."""
+    import torch
+
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------- layers

@@ -24,6 +24,7 @@ import json
 import os
 import queue
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -87,6 +88,7 @@ class ActivationStore:
                 raise _corrupt(self.path, "no neurosem format mark")
             self.layers: list[str] = list(json.loads(attrs["layers"]))
             self.provenance: dict[str, Any] = json.loads(attrs["provenance"])
+            self.store_id: str | None = str(attrs["store_id"]) if "store_id" in attrs else None
             self.n_images = int(attrs["n_images"])
             self.dtype = str(attrs["dtype"])
             for layer in self.layers:
@@ -177,6 +179,9 @@ class ActivationStore:
             h5.attrs["shapes"] = json.dumps({k: [int(v) for v in s] for k, s in shapes.items()})
             h5.attrs["dtype"] = dtype
             h5.attrs["provenance"] = json.dumps(dict(provenance or {}), default=str)
+            # A new id per recording: outputs derived from the store (dissect.h5) keep it, so a
+            # re-recording is noticed even when its arguments look the same (e.g. a changed factory).
+            h5.attrs["store_id"] = uuid.uuid4().hex
         os.replace(tmp, path)
         return cls.append_to(path)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from neurosem.errors import NeurosemError
-from neurosem.models import (IMAGENET_MEAN, check_layers, default_layers, extract_state_dict, list_layers,
+from neurosem.models import (IMAGENET_MEAN, state_digest, check_layers, default_layers, extract_state_dict, list_layers,
                              load_model)
 
 PLANTED = Path(__file__).parent / "_planted.py"
@@ -27,8 +27,25 @@ def test_file_factory():
     lm = load_model(f"{PLANTED}:tiny_cnn")
     assert type(lm.model).__name__ == "TinyCNN" and not lm.model.training
     assert _same_params(lm.model, TinyCNN())
-    assert lm.weights == "factory" and lm.mean == IMAGENET_MEAN and lm.input_size == (3, 224, 224)
+    assert lm.weights == f"factory#{state_digest(TinyCNN())}"
+    assert lm.mean == IMAGENET_MEAN and lm.input_size == (3, 224, 224)
     assert lm.default_layers == ["layer1", "layer2"]  # children named layerN
+
+
+def test_state_digest_tells_weights_apart_and_random_init_is_reproducible():
+    a, b = TinyCNN(), TinyCNN()
+    assert state_digest(a) == state_digest(b)          # deterministic init in the planted model
+    with torch.no_grad():
+        next(b.parameters()).add_(1e-3)
+    assert state_digest(a) != state_digest(b)
+    # --weights none: the same random weights every time, and the caller's RNG is untouched
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = load_model("resnet8", weights="none", warn=False)
+    assert torch.equal(torch.rand(3), expected)
+    second = load_model("resnet8", weights="none", warn=False)
+    assert _same_params(first.model, second.model)
 
 
 def test_module_factory():

@@ -106,7 +106,7 @@ def _check_ids(store_ids: Sequence[str], ds: Any, path: Path, broden_root: Path)
 def _key(args: dict[str, Any]) -> dict[str, Any]:
     """What makes stored layers reusable (iou_threshold only changes the reports)."""
     return {k: args.get(k) for k in ("quantile", "categories", "broden_fingerprint", "activations",
-                                     "n_images", "method_version")}
+                                     "store_id", "n_images", "method_version")}
 
 
 def _describe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -183,7 +183,8 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
             "quantile": float(quantile), "iou_threshold": float(iou_threshold),
             "categories": list(ds.categories), "layers": names, "broden": str(ds.root),
             "broden_fingerprint": ds.fingerprint(), "n_images": n, "label_size": list(ds.seg_size),
-            "activations": {k: prov.get(k) for k in _ACT_IDENTITY}, "method_version": METHOD_VERSION,
+            "activations": {k: prov.get(k) for k in _ACT_IDENTITY}, "store_id": store.store_id,
+            "method_version": METHOD_VERSION,
         }
 
         reuse: dict[str, LayerDissection] = {}

@@ -105,6 +105,10 @@ def load_teacher_vectors(teacher_vectors: str | Path | None, teacher: str | None
             f"no teacher vectors at {path}: run `neurosem embed {teacher or 'TEACHER'} --weights TEACHER.pth "
             f"--data cifar100:ROOT --layers {t_layers_hint} --run {path.parent}` first, or pass --teacher-vectors")
     emb = load_embedding(path)
+    made_by = str(emb.model or "").removeprefix("zoo:")
+    if teacher is not None and made_by and made_by != teacher.removeprefix("zoo:"):
+        raise NeurosemError(f"the vectors in {path} were made for {emb.model}, not the teacher {teacher}: "
+                            f"pass the teacher's own embedding (`neurosem embed {teacher} ...`)")
     t_layers = list(zoo.ALIGNED_LAYERS[teacher]) if teacher in zoo.ALIGNED_LAYERS else list(emb.layers)
     if len(t_layers) != len(s_layers):
         raise NeurosemError(f"teacher layers {', '.join(t_layers)} and student {student} layers "
@@ -366,7 +370,8 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
             gen.manual_seed(es)
             dist.train()
             names = ["loss"] + _part_names(method)
-            acc_sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=dev)  # sums, then correct
+            acc_dtype = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
+            acc_sums = torch.zeros(len(names) + 1, dtype=acc_dtype, device=dev)  # sums, then correct
             seen = 0
             lr_now = optimizer.param_groups[0]["lr"]
             t0 = time.perf_counter()
@@ -385,7 +390,7 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
                 with torch.no_grad():   # accumulate on the device: no host sync per step
                     values = [loss.detach()] + [parts[k] for k in names[1:]]
                     values.append((logits.detach().argmax(1) == y).sum() / n)
-                    acc_sums += torch.stack([v.double() for v in values]) * n
+                    acc_sums += torch.stack([v.to(acc_dtype) for v in values]) * n
                 seen += n
             totals = acc_sums.tolist()    # one sync per epoch
             sums = dict(zip(names, totals[:-1]))

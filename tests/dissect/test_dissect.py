@@ -235,6 +235,20 @@ def test_same_arguments_reuse_other_arguments_recompute(copied_run, synthetic_br
     assert not np.array_equal(other.threshold("coarse"), before.threshold("coarse"))
 
 
+def test_rerecorded_activations_are_never_reused(copied_run, synthetic_broden, capsys):
+    """Same arguments, but the store was recorded anew (e.g. a changed factory model): recompute."""
+    import h5py
+
+    first = dissect(run=copied_run, broden=synthetic_broden, quantile=QUANTILE, progress=False)
+    assert first.args["store_id"]
+    capsys.readouterr()
+    with h5py.File(copied_run / "activations.h5", "r+") as h5:
+        h5.attrs["store_id"] = "another-recording"
+    again = dissect(run=copied_run, broden=synthetic_broden, quantile=QUANTILE, progress=False)
+    assert "recomputing" in capsys.readouterr().err
+    assert again.args["store_id"] == "another-recording"
+
+
 def test_new_layers_are_added_to_a_matching_dissection(copied_run, synthetic_broden):
     only = dissect(run=copied_run, broden=synthetic_broden, quantile=0.3, layers=["coarse"], progress=False)
     assert only.layers == ["coarse"]

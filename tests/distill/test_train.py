@@ -195,6 +195,14 @@ def test_width_mismatch_names_both_layers(tmp_path, cifar_root):
                   run=tmp_path / "r", teacher_vectors=path, **FAST)
 
 
+def test_vectors_of_another_teacher_are_refused(vectors_resnet14):
+    # resnet20 has resnet14's widths (16/32/64): only the embedding's model name tells them apart
+    with pytest.raises(NeurosemError, match="were made for resnet14, not the teacher resnet20"):
+        T.load_teacher_vectors(vectors_resnet14, "resnet20", "resnet8", [16, 32, 64])
+    vectors, layers, _ = T.load_teacher_vectors(vectors_resnet14, "zoo:resnet14", "resnet8", [16, 32, 64])
+    assert [v.shape[0] for v in vectors] == [16, 32, 64]
+
+
 def test_messages(tmp_path, cifar_root):
     with pytest.raises(DataError, match="cifar-100-python/"):
         T.distill(student="resnet8", method="ce", data=f"cifar100:{tmp_path / 'none'}", run=tmp_path / "r", **FAST)
