@@ -83,7 +83,7 @@ def quickstart(out: str, device: str, seed: int, quiet: bool) -> None:
 
     Writes a synthetic Broden-format set, trains a small CNN on it, then records, dissects, embeds,
     computes the KL curves, answers a neighbour and an additive query, and writes the figures and the
-    HTML report. Ends with where everything is and three findings you can check.
+    HTML report. Ends with where everything is and four findings you can check.
 
     \b
     Example:
@@ -146,9 +146,11 @@ def layers(model: str, input_size: int | None, weights: str, as_json: bool) -> N
 @click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
 @click.option("--limit", type=int, default=None, help="Record only the first N images.")
 @click.option("--force", is_flag=True, help="Start over even if the run holds other activations.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of the activations (float32 for values beyond float16's range).")
 @_quiet_option
 def record(model: str, data: str, layers: tuple[str, ...], run: str | None, weights: str, batch_size: int,
-           device: str, workers: int, limit: int | None, force: bool, quiet: bool) -> None:
+           device: str, workers: int, limit: int | None, force: bool, dtype: str, quiet: bool) -> None:
     """Record activations of MODEL on a dataset into RUN/activations.h5.
 
     Broden images are fed at their stored size and normalised for the model. An interrupted run
@@ -162,7 +164,7 @@ def record(model: str, data: str, layers: tuple[str, ...], run: str | None, weig
 
     path = record_activations(model, data, run=run, layers=_split(layers), weights=weights,
                               batch_size=batch_size, device=device, force=force, limit=limit,
-                              num_workers=workers, progress=not quiet)
+                              num_workers=workers, progress=not quiet, dtype=dtype)
     click.echo(f"activations: {path}")
 
 
@@ -198,7 +200,7 @@ def dissect(model: str | None, broden: str, run: str | None, layers: tuple[str, 
     click.echo(str(result))
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Learn a semantic vector per neuron (paper eq. 1).")
 @click.argument("model", required=False)
 @click.option("--data", default=None, help="A folder of images, a Broden directory or cifar100:ROOT.")
 @click.option("--broden", default=None, type=click.Path(), help="A Broden directory (same as --data).")
@@ -238,7 +240,7 @@ def embed(model: str | None, data: str | None, broden: str | None, run: str | No
     click.echo(f"embedding: {path}")
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="KL curves of the embedding against the IoU targets (Fig. 4).")
 @_run_option
 @click.option("--layer", default=None, help="Plot only this layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the curves as JSON.")
@@ -287,7 +289,7 @@ def query(neuron: str, add: tuple[str, ...], sub: tuple[str, ...], k: int, run: 
 @click.option("--formats", default="pdf,png,svg", show_default=True, help="Comma-separated file formats.")
 @click.option("--layer", default=None, help="Layer of the maps and heat map (default: the last embedded layer).")
 @click.option("--neuron", "-n", default=None, help="Unit of the neighbour figure (default: the most interpretable unit).")
-@click.option("--dpi", default=300, show_default=True, help="Resolution of the PNG files.")
+@click.option("--dpi", default=300, show_default=True, type=click.IntRange(min=1), help="Resolution of the PNG files.")
 def figures(run: str | None, formats: str, layer: str | None, neuron: str | None, dpi: int) -> None:
     """Draw the paper's figures for a run into RUN/figures (PDF, PNG at 300 dpi, SVG).
 
@@ -302,7 +304,7 @@ def figures(run: str | None, formats: str, layer: str | None, neuron: str | None
         click.echo(str(path))
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Static knowledge distillation (paper eq. 2) or a baseline.")
 @click.option("--teacher", default=None, help="Teacher model (zoo name); not run for skd.")
 @click.option("--student", required=True, help="Student model (zoo name, e.g. resnet8x4).")
 @click.option("--method", type=click.Choice(["skd", "skd-random", "kd", "fitnet", "at", "sp", "cc", "rkd", "pkt", "ce"]),

@@ -87,6 +87,8 @@ def load_model(spec: str, weights: str = "default", num_classes: int | None = No
 
     if not spec:
         raise NeurosemError("empty model name: give a torchvision name (resnet18), a zoo name or file.py:factory")
+    if spec.endswith(".py") and ":" not in spec:
+        raise NeurosemError(f"model {spec}: name the function that builds it, e.g. {spec}:build")
     kind, _, bare = spec.partition(":")
     if kind in ("zoo", "cifar") and bare:
         zoo = _zoo()

@@ -150,6 +150,13 @@ class _Indexed:
 def _collate(items: list[tuple[Any, str]]) -> tuple[Any, list[str]]:
     import torch
 
+    first = items[0][0].shape
+    for image, image_id in items[1:]:
+        if image.shape != first:
+            raise DataError(
+                f"images of different sizes: {items[0][1]} is {first[-2]}x{first[-1]} but {image_id} is "
+                f"{image.shape[-2]}x{image.shape[-1]}; resize the images to one size first (Broden and CIFAR "
+                "images already share one)")
     return torch.stack([it[0] for it in items]), [it[1] for it in items]
 
 
@@ -243,9 +250,13 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any], allow_layer_subs
 
 
 def _mismatch(path: Path, diffs: list[str]) -> RunMismatchError:
+    hint = ""
+    if any(d.startswith("weights: 'factory#") or d.startswith("weights: factory#") for d in diffs):
+        hint = ("the factory built other weights than last time (an unseeded random init?): seed it inside "
+                "the factory or pass --weights FILE; ")
     return RunMismatchError(
         f"{path} was recorded with other arguments ({'; '.join(diffs)}; stored vs requested); "
-        "use --force to record again or choose another --run")
+        f"{hint}record again with `neurosem record ... --force` or choose another --run")
 
 
 def _parse_layers(layers: "str | Sequence[str] | None") -> list[str] | None:
@@ -335,7 +346,7 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
                       "its fingerprint is unchanged", file=sys.stderr)
         if complete:
             print(f"{path}: complete activations with the same arguments exist; reusing them "
-                  "(--force records again)", file=sys.stderr)
+                  "(`neurosem record ... --force` records again)", file=sys.stderr)
             return path
         print(f"{path}: resuming at image {start} of {n_images}", file=sys.stderr)
 
@@ -355,6 +366,12 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
         std_t = torch.tensor(std, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
         from neurosem._progress import progress as bar
 
+        with torch.inference_mode():
+            # One whole forward pass of one image: a module that runs twice (e.g. a ReLU reused inside
+            # a block) is an error here, which stopping after the last layer below could not see.
+            probe = _Indexed(ds, start, n_images)[0][0][None].to(dev).float().sub_(mean_t).div_(std_t)
+            with Recorder(net, layers, to_cpu=False):
+                net(probe)
         with torch.inference_mode(), Recorder(net, layers, stop_after_last=True, to_cpu=False,
                                               dtype=act_dtype) as rec:
             for images, ids in bar(loader, total=len(loader), desc=f"record {lm.spec}",
@@ -402,7 +419,7 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
             net.to(memory_format=torch.contiguous_format)
     if nonfinite:
         print(f"WARNING: layers {', '.join(nonfinite)} hold inf/NaN values in {path} "
-              f"({'beyond the float16 range; record with dtype float32' if dtype == 'float16' else 'from the model'})",
+              f"({'beyond the float16 range; record with --dtype float32' if dtype == 'float16' else 'from the model'})",
               file=sys.stderr)
     rd.update_meta("record", {**prov, "activations": str(path), "complete": True, "n_done": n_images})
     return path
@@ -475,7 +492,7 @@ def ensure_activations(run: "str | Path | None", model: "str | LoadedModel | Non
             tf = prov.get("transform") or {}
             kw["mean"], kw["std"] = tf.get("mean"), tf.get("std")
     if model is None or data is None:
-        raise NeurosemError(f"no activations in {rd.path}: pass --model and --data to record them "
+        raise NeurosemError(f"no activations in {rd.path}: pass MODEL and --data to record them "
                             f"(or run `neurosem record MODEL --data PATH --run {rd.path}`)")
     return record(model, data, run=rd.path, layers=wanted, weights=weights, batch_size=batch_size,
                   device=device, progress=progress, **kw)

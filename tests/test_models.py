@@ -269,3 +269,8 @@ def test_layer_table(capsys):
     data = json.loads(layer_table(f"{PLANTED}:tiny_cnn", (3, 8, 8), as_json=True))
     assert data["input_size"] == [3, 8, 8]
     assert {"name": "layer2", "shape": [8, 2, 2], "default": True} in data["layers"]
+
+
+def test_a_model_file_without_factory_says_to_name_it():
+    with pytest.raises(NeurosemError, match=r"model models/net.py: name the function that builds it, e.g. models/net.py:build"):
+        load_model("models/net.py")

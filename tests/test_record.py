@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from neurosem.errors import NeurosemError, RunMismatchError
+from neurosem.errors import DataError, NeurosemError, RunMismatchError
 from neurosem.models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
 from neurosem.record import Recorder, ensure_activations, record
 from neurosem.store import ActivationStore
@@ -283,7 +283,7 @@ def test_resume_after_a_real_kill(tmp_path):
 
 def test_ensure_activations(tmp_path, capsys):
     run = tmp_path / "run"
-    with pytest.raises(NeurosemError, match="no activations in .*pass --model and --data"):
+    with pytest.raises(NeurosemError, match="no activations in .*pass MODEL and --data"):
         ensure_activations(run)
     lm, ds = _tiny(), RandomImages(n=4, size=8)
     path = ensure_activations(run, model=lm, data=ds, batch_size=2, progress=False)
@@ -322,3 +322,37 @@ def test_record_a_data_spec(tmp_path, tiny_broden, capsys):
     shutil.copytree(tiny_broden, moved)
     assert record(lm, str(moved), run=tmp_path / "b", progress=False) == path
     assert "the data moved" in capsys.readouterr().err
+
+
+class _ReusedRelu(nn.Module):
+    """``relu`` runs twice per forward pass (as inside torchvision's BasicBlock)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.relu(self.conv(x)) - 0.5).mean((2, 3))
+
+
+def test_a_module_run_twice_is_an_error_even_as_the_last_layer(tmp_path):
+    lm = LoadedModel(_ReusedRelu(), "reused", "seed0", default_layers=["relu"])
+    with pytest.raises(NeurosemError, match="twice") as info:
+        record(lm, RandomImages(n=4, size=8), run=tmp_path / "run", layers=["relu"], progress=False)
+    assert "\n" not in str(info.value)
+    assert _hooks(lm.model) == 0 and not (tmp_path / "run" / "activations.h5").exists()
+
+
+class _MixedSizes(RandomImages):
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        if i == 2:
+            item["image"] = item["image"][:, :8, :8]
+        return item
+
+
+def test_images_of_different_sizes_are_one_line(tmp_path):
+    with pytest.raises(DataError, match="img0000.png is 16x16 but img0002.png is 8x8; resize") as info:
+        record(_tiny(), _MixedSizes(n=4, size=16), run=tmp_path / "run", batch_size=4, progress=False)
+    assert "\n" not in str(info.value)

@@ -179,6 +179,11 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
         n = store.n_done
         _check_ids(store.image_ids, ds, act_path, ds.root)
         prov = store.provenance
+        recorded_on = prov.get("data_fingerprint")
+        if recorded_on is not None and recorded_on != ds.fingerprint():
+            raise DataError(f"{act_path} was recorded on {prov.get('data')} (fingerprint {recorded_on}), not on "
+                            f"{ds.root} ({ds.fingerprint()}), though the image names agree: record it on this set "
+                            f"with `neurosem record MODEL --data {ds.root} --run {rd.path} --force`")
         args = {
             "quantile": float(quantile), "iou_threshold": float(iou_threshold),
             "categories": list(ds.categories), "layers": names, "broden": str(ds.root),

@@ -641,7 +641,7 @@ class Tally:
             size = torch.zeros(n, dtype=torch.long, device=self.device).index_add_(0, rm, rn)
             self.unit_pixels.index_add_(0, ui, size)
             hit = torch.zeros(n * (k + 1), dtype=torch.bool, device=self.device)
-            step = max(1, self.max_elements // (4 * planes))
+            step = max(1, self.max_elements // (4 * max(1, planes)))  # no pixel planes: image-level only
             for q0 in range(0, rm.shape[0], step):
                 m, r, c0, ln = (v[q0:q0 + step] for v in (rm, rr, rc, rn))
                 # each (run, plane): its first and last entry in the flattened label planes

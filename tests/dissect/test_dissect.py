@@ -249,6 +249,25 @@ def test_rerecorded_activations_are_never_reused(copied_run, synthetic_broden, c
     assert again.args["store_id"] == "another-recording"
 
 
+def test_activations_of_another_broden_set_with_the_same_names_are_refused(copied_run, tmp_path):
+    from neurosem.data.synthetic import write_synthetic_broden
+
+    other = tmp_path / "other"
+    write_synthetic_broden(other, n_images=48, image_size=64, seg_size=32, seed=5)   # same image names
+    with pytest.raises(DataError, match="though the image names agree") as info:
+        dissect(run=copied_run, broden=other, quantile=QUANTILE, progress=False)
+    assert "\n" not in str(info.value) and "--force" in str(info.value)
+
+
+def test_image_level_categories_alone(copied_run, synthetic_broden):
+    """No pixel-level category selected: no label planes at all (this once divided by zero)."""
+    only = dissect(run=copied_run, broden=synthetic_broden, quantile=QUANTILE, categories=["scene"],
+                   progress=False)
+    assert set(only.label_categories) == {"scene"}
+    assert abs(only.iou("fine")[1, _col(only, "street")] - 1) < EPS_IOU
+    assert only.unit_label("fine", 1)[:2] == ("street", "scene")
+
+
 def test_new_layers_are_added_to_a_matching_dissection(copied_run, synthetic_broden):
     only = dissect(run=copied_run, broden=synthetic_broden, quantile=0.3, layers=["coarse"], progress=False)
     assert only.layers == ["coarse"]
