@@ -113,7 +113,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> tuple[list[str], list[dict
     if not path.is_file():
         raise DataError(f"{path}: file missing; {_HINT}")
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: tolerate a byte-order mark
             reader = csv.DictReader(fh)
             header = [h.strip() for h in (reader.fieldnames or [])]
             reader.fieldnames = header

@@ -334,3 +334,17 @@ def test_error_in_a_dataloader_worker_keeps_its_one_line_message(broken):
     msg = messages[0]
     assert msg == f"{broken / 'images' / png}: label PNG missing (listed in index.csv " \
                            f"line 2)"
+
+
+def test_csv_files_with_a_byte_order_mark_are_read(synthetic_broden, tmp_path):
+    import shutil
+
+    from neurosem.data.broden import BrodenDataset
+
+    root = tmp_path / "bom"
+    shutil.copytree(synthetic_broden, root)
+    for name in ("index.csv", "label.csv", "category.csv"):
+        text = (root / name).read_text(encoding="utf-8")
+        (root / name).write_text("\ufeff" + text, encoding="utf-8")
+    ds, ref = BrodenDataset(root), BrodenDataset(synthetic_broden)
+    assert len(ds) == len(ref) and ds.label_names == ref.label_names and ds.categories == ref.categories
