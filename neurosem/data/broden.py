@@ -331,18 +331,9 @@ class BrodenDataset(Dataset):
         return self._fingerprint
 
     def _open(self, rel: str, what: str, line: int) -> Any:
-        from PIL import Image, UnidentifiedImageError
+        from neurosem.data.transforms import read_image
 
-        path = self.root / "images" / rel
-        try:
-            with open(path, "rb") as fh:  # no file handle outlives the call
-                img = Image.open(fh)
-                img.load()
-        except FileNotFoundError:
-            raise DataError(f"{path}: {what} missing (listed in index.csv line {line})") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"{path}: cannot decode {what} ({type(e).__name__}: {e})") from None
-        return img
+        return read_image(self.root / "images" / rel, what, f"{what} missing (listed in index.csv line {line})")
 
     def load_image(self, i: int) -> Any:
         """The PIL RGB image of item ``i`` (no transform)."""

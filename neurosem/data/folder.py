@@ -82,18 +82,10 @@ class ImageFolderDataset(Dataset):
 
     def load_image(self, i: int) -> Any:
         """The PIL RGB image of item ``i``."""
-        from PIL import Image, UnidentifiedImageError
+        from neurosem.data.transforms import read_image
 
-        path = self.root / self.image_ids[i]
-        try:
-            with open(path, "rb") as fh:  # no file handle outlives the call
-                img = Image.open(fh)
-                img.load()
-        except FileNotFoundError:
-            raise DataError(f"{path}: image disappeared since the folder was listed") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e}); remove it "
-                            f"or replace it") from None
+        img = read_image(self.root / self.image_ids[i], "image", "image disappeared since the folder was listed",
+                         "; remove it or replace it")
         return img.convert("RGB") if img.mode != "RGB" else img
 
     def __getitem__(self, i: int) -> dict[str, Any]:

@@ -162,3 +162,24 @@ def item_index(i: int, n: int) -> int:
     if not -n <= i < n:
         raise IndexError(f"index {i} out of range for {n} images")
     return int(i) % n
+
+
+def read_image(path: Any, what: str, missing: str, hint: str = "") -> Any:
+    """Decode the image file ``path`` fully (no file handle outlives the call) into a PIL image.
+
+    A missing file is ``DataError("{path}: {missing}")``, an undecodable one
+    ``DataError("{path}: cannot decode {what} (...){hint}")``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from neurosem.errors import DataError
+
+    try:
+        with open(path, "rb") as fh:
+            img = Image.open(fh)
+            img.load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: {missing}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot decode {what} ({type(e).__name__}: {e}){hint}") from None
+    return img
