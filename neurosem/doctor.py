@@ -150,7 +150,9 @@ def diagnose() -> Report:
         rep.add(dist, v is not None, v or "not installed", "" if v else f"pip install {dist}")
 
     # torch hub cache, where torchvision's pretrained weights are looked up
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    from neurosem.models import weights_cache_dir
+
+    hub = weights_cache_dir()
     cached = sorted(p.name for p in hub.glob("*.pth")) if hub.is_dir() else []
     shown = ", ".join(cached[:5]) + (" ..." if len(cached) > 5 else "") if cached else "none cached"
     rep.add("weights", True, f"torch cache {hub} ({shown}); put downloaded .pth files there or use --weights FILE")

@@ -48,10 +48,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# The CRD/RepDistiller statistics, the ones the zoo's training uses (one definition, in data.cifar).
+# The CRD/RepDistiller statistics, the ones the zoo's training uses (one definition, in data.cifar),
+# and ImageNet's (one definition, in data.transforms).
 from neurosem.data.cifar import CIFAR100_MEAN, CIFAR100_STD  # noqa: E402
+from neurosem.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 _STATE_KEYS = ("state_dict", "model", "net", "model_state_dict")
 
 

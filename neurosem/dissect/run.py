@@ -23,11 +23,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from neurosem.errors import DataError, NeurosemError
+from neurosem.record import IDENTITY
 
 #: bumped when the numbers a dissection computes change
 METHOD_VERSION = 1
-#: provenance fields of the activations that identify them (the stored layer list is not one)
-_ACT_IDENTITY = ("model", "weights", "data", "data_fingerprint", "n_images", "transform", "dtype")
+#: provenance fields of the activations that identify them (the stored layer list is not one:
+#: layers recorded later are added to a matching dissection)
+_ACT_IDENTITY = tuple(k for k in IDENTITY if k != "layers")
 TOP_IMAGES = 4
 
 
