@@ -19,6 +19,11 @@ Rules, as NetDissect-Lite's ``loadseg.SegmentationData``:
 - a category is image-level when its index.csv entries are label numbers, pixel-level when they
   are PNG names. A number entry is an image-level label wherever it appears.
 
+Files are read only inside the Broden directory: an image or label PNG entry that is absolute or
+climbs out with ``..`` is refused when index.csv is read, one that reaches outside through a
+symlink when it is opened (``images/`` itself may be a symlink). Label numbers may exceed the
+number of label.csv rows by at most :data:`LABEL_NUMBER_SLACK` (arrays are sized by the largest).
+
 One deliberate difference: images that have no data in the selected categories are kept (not
 filtered as NetDissect-Lite does), so dataset positions stay aligned with stored activations.
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -40,6 +46,9 @@ from torch.utils.data import Dataset
 from neurosem.errors import DataError
 
 INDEX_FIXED_COLUMNS: tuple[str, ...] = ("image", "split", "ih", "iw", "sh", "sw")
+#: label.csv numbers may exceed the number of rows by at most this much (arrays are sized by the
+#: largest number; NetDissect's Broden numbers its labels densely from 1).
+LABEL_NUMBER_SLACK: int = 4096
 _HINT = "pass the Broden directory that holds index.csv, label.csv, category.csv and images/"
 
 
@@ -223,7 +232,13 @@ class BrodenDataset(Dataset):
             r["_line"] = str(line)
         if not numbers:
             raise DataError(f"{path}: no labels listed; {_HINT}")
-        n_labels = max(numbers) + 1
+        top = max(numbers)
+        limit = len(numbers) + LABEL_NUMBER_SLACK
+        if top > limit:
+            raise DataError(f"{path} line {numbers[top]['_line']}: label number {top} is far above the "
+                            f"{len(numbers)} labels listed (at most {limit} is accepted: tables are sized "
+                            f"by the largest number); number the labels from 1 without large gaps")
+        n_labels = top + 1
         self.n_labels: int = n_labels
         self.label_names: list[str] = [""] * n_labels
         self.label_names[0] = "-"
@@ -292,12 +307,14 @@ class BrodenDataset(Dataset):
                         labels.append(n)
                         n_numbers[cat] += 1
                     else:
+                        self._check_inside(entry, path, line, r["image"], cat)
                         planes.append(entry)
                         n_files[cat] += 1
             if split is not None and r["split"] != split:
                 continue
             if not r["image"]:
                 raise DataError(f"{path} line {line}: empty image column")
+            self._check_inside(r["image"], path, line, r["image"], "image")
             size = tuple(_int(r[c], path, line, c) for c in ("ih", "iw", "sh", "sw"))
             count, first = sizes.get(size, (0, line))
             sizes[size] = (count + 1, first)
@@ -330,10 +347,23 @@ class BrodenDataset(Dataset):
         and category selection do not change it)."""
         return self._fingerprint
 
+    def _check_inside(self, rel: str, index: Path, line: int, image: str, column: str) -> None:
+        """Refuse an index.csv entry that is absolute or climbs out of the Broden directory."""
+        norm = os.path.normpath(os.path.join("images", rel))
+        if os.path.isabs(rel) or os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
+            raise DataError(f"{index} line {line} ({image}), column {column}: {rel!r} points outside "
+                            f"the Broden directory {self.root}; entries are paths relative to its images/")
+
     def _open(self, rel: str, what: str, line: int) -> Any:
         from neurosem.data.transforms import read_image
 
-        return read_image(self.root / "images" / rel, what, f"{what} missing (listed in index.csv line {line})")
+        path = self.root / "images" / rel
+        real = os.path.realpath(path)
+        bases = {os.path.realpath(self.root), os.path.realpath(self.root / "images")}
+        if not any(real == b or real.startswith(b.rstrip(os.sep) + os.sep) for b in bases):
+            raise DataError(f"{path}: {what} resolves to {real}, outside the Broden directory {self.root} "
+                            f"(listed in index.csv line {line}); keep the files inside it (no symlinks out)")
+        return read_image(path, what, f"{what} missing (listed in index.csv line {line})")
 
     def load_image(self, i: int) -> Any:
         """The PIL RGB image of item ``i`` (no transform)."""

@@ -348,3 +348,76 @@ def test_csv_files_with_a_byte_order_mark_are_read(synthetic_broden, tmp_path):
         (root / name).write_text("\ufeff" + text, encoding="utf-8")
     ds, ref = BrodenDataset(root), BrodenDataset(synthetic_broden)
     assert len(ds) == len(ref) and ds.label_names == ref.label_names and ds.categories == ref.categories
+
+
+# ------------------------------------------------------------------ files outside the directory
+
+def _set_index_cell(root: Path, row: int, column: str, value: str) -> None:
+    def edit(rows):
+        rows[row][rows[0].index(column)] = value
+        return rows
+    _rewrite_csv(root / "index.csv", edit)
+
+
+@pytest.mark.parametrize("column", ["image", "object", "part"])
+def test_entries_climbing_out_of_the_directory_are_refused(broken, tmp_path, column):
+    secret = tmp_path / "private.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(secret)
+    for value in ("../../private.png", str(secret), "synthetic/../../../private.png"):
+        _set_index_cell(broken, 3, column, value)
+        msg = _error(lambda: BrodenDataset(broken))
+        image = _index_rows(broken)[2]["image"]
+        assert msg == (f"{broken / 'index.csv'} line 4 ({image}), column {column}: {value!r} points "
+                       f"outside the Broden directory {broken}; entries are paths relative to its images/")
+
+
+def test_symlink_out_of_the_directory_is_refused_when_read(broken, tmp_path):
+    secret = tmp_path / "private.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(secret)
+    rows = _index_rows(broken)
+    image, png = rows[0]["image"], rows[1]["color"]
+    for rel in (image, png):
+        (broken / "images" / rel).unlink()
+        (broken / "images" / rel).symlink_to(secret)
+    ds = BrodenDataset(broken)  # csv-level checks pass: the entries themselves are relative
+    assert _error(lambda: ds[0]) == (
+        f"{broken / 'images' / image}: image resolves to {secret}, outside the Broden directory {broken} "
+        f"(listed in index.csv line 2); keep the files inside it (no symlinks out)")
+    assert _error(lambda: ds.load_seg(1)).startswith(
+        f"{broken / 'images' / png}: label PNG resolves to {secret}, outside the Broden directory")
+    ds[2]  # the others still read
+
+
+def test_symlinks_inside_the_directory_and_a_linked_images_folder_are_read(broken, tmp_path):
+    reference = BrodenDataset(broken)
+    want = [reference[i] for i in range(3)]
+    rows = _index_rows(broken)
+    # a label PNG that links to another file inside images/
+    (broken / "images" / "copy.png").write_bytes((broken / "images" / rows[0]["color"]).read_bytes())
+    (broken / "images" / rows[0]["color"]).unlink()
+    (broken / "images" / rows[0]["color"]).symlink_to(broken / "images" / "copy.png")
+    # images/ itself kept elsewhere (a shared disk) and linked in
+    shutil.move(str(broken / "images"), str(tmp_path / "shared_images"))
+    (broken / "images").symlink_to(tmp_path / "shared_images")
+    ds = BrodenDataset(broken)
+    for i in range(3):
+        assert torch.equal(ds[i]["image"], want[i]["image"]) and torch.equal(ds[i]["seg"], want[i]["seg"])
+
+
+# ------------------------------------------------------------------ label numbers
+
+def test_label_number_far_above_the_row_count_is_refused(broken):
+    from neurosem.data.broden import LABEL_NUMBER_SLACK
+
+    assert len(list(csv.DictReader(open(broken / "label.csv")))) == 34 and LABEL_NUMBER_SLACK == 4096
+    _rewrite_csv(broken / "label.csv", lambda rows: rows + [["300000000", "huge", "", "", "", ""]])
+    msg = _error(lambda: BrodenDataset(broken))  # refused before any table of that size is made
+    assert msg == (f"{broken / 'label.csv'} line 36: label number 300000000 is far above the 35 labels "
+                   f"listed (at most 4131 is accepted: tables are sized by the largest number); number "
+                   f"the labels from 1 without large gaps")
+    _rewrite_csv(broken / "label.csv", lambda rows: rows[:-1] + [["4132", "huge", "", "", "", ""]])
+    assert "label number 4132 is far above the 35 labels" in _error(lambda: BrodenDataset(broken))
+    _rewrite_csv(broken / "label.csv", lambda rows: rows[:-1] + [["4131", "gap", "", "", "", ""]])
+    ds = BrodenDataset(broken)  # the largest number accepted: a gap, same items as before
+    assert ds.n_labels == 4132 and ds.label_names[4131] == "gap" and ds.primary_category[4131] == -1
+    assert ds.label_names[34] and not ds.label_names[35]
