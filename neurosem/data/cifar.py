@@ -6,8 +6,9 @@ inside ``cifar-100-python.tar.gz``); ``"cifar10"`` reads ``ROOT/cifar-10-batches
 Reader: torchvision's ``CIFAR100(root, download=False)`` when torchvision imports and the files
 pass its MD5 check (the official release). Files in the same pickle format that do not match the
 official checksums (a re-packed or generated set, e.g. the tests' or ``benchmarks/
-distill_digits.py``'s) and installs where torchvision is broken are read by the plain pickle reader
-here, which yields the same arrays. ``ds.reader`` says which one ran and ``ds.verified`` whether the
+distill_digits.py``'s) and installs where torchvision is broken are read by the restricted pickle
+reader here, which yields the same arrays: it builds only dicts, lists, strings, numbers and numpy
+arrays, and refuses any other object a pickle names (so a planted file cannot run code). ``ds.reader`` says which one ran and ``ds.verified`` whether the
 official checksums matched; the distillation results record both.
 
 Transforms receive a PIL image (as every neurosem dataset's) and return ``FloatTensor[3, H, W]``;
@@ -16,6 +17,7 @@ torch, so it works without torchvision.
 """
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
 from pathlib import Path
@@ -40,12 +42,60 @@ _URL = {"cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"}
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle names an object a CIFAR file never holds."""
+
+
+def _latin1_encode(text: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes (protocol 2): latin-1 only."""
+    if encoding not in ("latin1", "latin-1") or errors != "strict" or not isinstance(text, str):
+        raise _Refused(f"_codecs.encode with {encoding!r}")
+    return codecs.encode(text, "latin1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()`` as Python 3 pickles ``b""`` (protocol 2); anything else is refused."""
+    if args:
+        raise _Refused("bytes() with arguments")
+    return b""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds what the CIFAR python files hold (dicts, lists, str/bytes, numbers, numpy arrays) and
+    refuses every other global, so unpickling a planted file cannot run code.
+
+    Accepted globals: numpy's array reconstruction (``numpy.core.multiarray._reconstruct``, as the
+    official files written by Python 2 / numpy 1 name it, or ``numpy._core.multiarray._reconstruct``
+    from numpy 2), ``numpy.ndarray``, ``numpy.dtype``, and ``_codecs.encode`` (latin-1) /
+    ``bytes()`` with which Python 3 writes bytes at protocol 2.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        reconstruct = np.ndarray.__reduce__(np.zeros(0))[0]  # the running numpy's _reconstruct
+        allowed = {
+            ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): _latin1_encode,
+            ("__builtin__", "bytes"): _empty_bytes,
+            ("builtins", "bytes"): _empty_bytes,
+        }
+        if (module, name) not in allowed:
+            raise _Refused(f"{module}.{name}")
+        return allowed[(module, name)]
+
+
 def _load_pickle(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise DataError(f"{path} is not a readable CIFAR pickle ({exc}); re-extract the archive") from None
+            entry = _CifarUnpickler(f, encoding="latin1").load()
+    except _Refused as exc:
+        raise DataError(f"{path} is not a CIFAR file: its pickle calls {exc}, which CIFAR files never do "
+                        "(refused, nothing was run); delete it and re-extract the archive") from None
+    except Exception as exc:  # noqa: BLE001 - any malformed pickle is the same user error
+        raise DataError(f"{path} is not a readable CIFAR pickle ({type(exc).__name__}: {exc}); "
+                        "re-extract the archive") from None
     if not isinstance(entry, dict):
         raise DataError(f"{path} is not a CIFAR pickle (expected a dict); re-extract the archive")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}

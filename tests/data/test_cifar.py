@@ -1,6 +1,8 @@
 """CIFAR reading from a local folder (generated files in the real pickle format) and the augmentation."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +129,94 @@ def test_flip_and_normalisation():
     inside = torch.isclose(aug, expected.view(3, 1, 1)).all(0)
     padded = torch.isclose(aug, black.view(3, 1, 1)).all(0)
     assert bool((inside | padded).all())
+
+
+# ---------------------------------------------------------------- the restricted reader
+
+def _py2_pickle(entry: dict) -> bytes:
+    """``entry`` pickled as the official CIFAR python files are (Python 2 cPickle, protocol 2, numpy 1):
+    str keys and strings as BINSTRING, ``numpy.core.multiarray._reconstruct`` for arrays, the array
+    bytes as one BINSTRING. Values: uint8 2-D arrays, lists of int or of str."""
+    import struct
+
+    def s(text: bytes) -> bytes:
+        return b"U" + bytes([len(text)]) + text if len(text) < 256 else b"T" + struct.pack("<i", len(text)) + text
+
+    def value(v) -> bytes:
+        if isinstance(v, np.ndarray):
+            dtype = b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R(K\x03" + s(b"|") + \
+                    b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+            shape = b"(" + b"".join(b"M" + struct.pack("<H", d) for d in v.shape) + b"t"
+            return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + s(b"b") + b"\x87R"
+                    + b"(K\x01" + shape + dtype + b"\x89" + s(v.tobytes()) + b"tb")
+        items = b"".join(b"K" + bytes([x]) if isinstance(x, int) else s(x.encode()) for x in v)
+        return b"](" + items + b"e"
+
+    body = b"".join(s(k.encode()) + value(v) for k, v in entry.items())
+    return b"\x80\x02}(" + body + b"u."
+
+
+def test_official_python2_format_is_read(tmp_path):
+    x = _images(3, 4)
+    data = x.transpose(0, 3, 1, 2).reshape(3, -1)
+    base = tmp_path / "cifar-100-python"
+    base.mkdir()
+    train = {"filenames": ["a.png", "b.png", "c.png"], "batch_label": ["training batch 1 of 1"],
+             "fine_labels": [5, 0, 99], "coarse_labels": [1, 0, 19], "data": data}
+    (base / "train").write_bytes(_py2_pickle(train))
+    (base / "test").write_bytes(_py2_pickle({**train, "fine_labels": [1, 2, 3]}))
+    (base / "meta").write_bytes(_py2_pickle({"fine_label_names": [f"n{i}" for i in range(100)],
+                                             "coarse_label_names": ["all"]}))
+    import pickletools  # the hand-made file is a valid pickle naming numpy 1's module
+    assert "numpy.core.multiarray _reconstruct" in str(list(pickletools.genops((base / "train").read_bytes())))
+    images, labels, classes = read_cifar_split(tmp_path, "cifar100", train=True)
+    np.testing.assert_array_equal(images, x)
+    assert labels == [5, 0, 99] and classes[:2] == ["n0", "n1"] and len(classes) == 100
+
+
+class _Payload:
+    """Unpickling this runs ``os.system("touch MARKER")``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch '{self.marker}'",)
+
+
+@pytest.mark.parametrize("name,fname", [("cifar10", "data_batch_1"), ("cifar100", "meta")])
+def test_planted_pickle_is_refused_without_running_it(tmp_path, name, fname):
+    import pickle
+
+    write_cifar(tmp_path, (_images(5, 0), [0, 1, 2, 3, 4]), (_images(2, 0), [0, 1]), name=name)
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    path = tmp_path / folder / fname
+    marker = tmp_path / "marker"
+    with open(path, "wb") as fh:
+        pickle.dump({"data": _Payload(marker), "labels": [0]}, fh, protocol=2)
+    with pytest.raises(DataError) as err:
+        cifar_dataset(tmp_path, name, train=True)
+    assert str(err.value) == (f"{path} is not a CIFAR file: its pickle calls posix.system, which CIFAR files "
+                              "never do (refused, nothing was run); delete it and re-extract the archive")
+    assert not marker.exists()
+    pickle.loads(path.read_bytes())  # the plain reader would have run it
+    assert marker.exists()
+
+
+def test_restricted_reader_refuses_other_uses_of_its_globals(tmp_path):
+    import pickle
+
+    write_cifar(tmp_path, (_images(2, 0), [0, 1]), (_images(1, 0), [0]))
+    path = tmp_path / "cifar-100-python" / "test"
+    for body, what in ((b"c_codecs\nencode\nX\x01\x00\x00\x00xX\x04\x00\x00\x00zlib\x86R", "_codecs.encode with 'zlib'"),
+                       (b"c__builtin__\nbytes\nJ\x00\xca\x9a;\x85R", "bytes() with arguments"),
+                       (b"cbuiltins\neval\nX\x03\x00\x00\x001+1\x85R", "builtins.eval")):
+        path.write_bytes(b"\x80\x02" + body + b".")
+        with pytest.raises(DataError, match=re.escape(f"its pickle calls {what}, which")):
+            cifar_dataset(tmp_path, train=False)
+    assert pickle.loads(b"\x80\x02c__builtin__\nbytes\n)R.") == b""  # b"" at protocol 2 ...
+    path.write_bytes(pickle.dumps({"data": np.zeros((0, 3072), np.uint8), "fine_labels": [],
+                                   "x": b""}, protocol=2))
+    assert len(cifar_dataset(tmp_path, train=False)) == 0   # ... is read
