@@ -314,17 +314,12 @@ def load_weights_file(model: "nn.Module", path: "str | Path") -> str:
         >>> load_weights_file(model, "teacher.pth")  # doctest: +SKIP
         'file:/abs/teacher.pth#3f2a...'
     """
-    import torch
+    from neurosem._torchfile import load_tensors
 
     p = Path(path).expanduser()
     if not p.is_file():
         raise NeurosemError(f"weights file {p} not found: --weights takes default, none or a .pth file")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise NeurosemError(
-            f"cannot load {p} as plain tensors ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
-            "re-save it with torch.save(model.state_dict(), path)") from None
+    obj = load_tensors(p, "weights file", "pass a .pth written by torch.save(model.state_dict(), path)")
     state = extract_state_dict(obj, source=str(p))
     own = model.state_dict()
     missing = [k for k in own if k not in state]

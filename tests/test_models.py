@@ -129,6 +129,76 @@ def test_mismatched_weights_name_keys(tmp_path):
         load_model(f"{PLANTED}:tiny_cnn", weights=str(tmp_path / "nope.pth"))
 
 
+_FIX = "; pass a .pth written by torch.save(model.state_dict(), path)"
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"conv1.weight: 0.1 0.2\n", "is a text file, not one written by torch.save"),
+    (b"", "is empty"),
+    (b"\x89PNG\r\n\x1a\n....", "is not a file written by torch.save (it starts with b'\\x89PNG\\r\\n\\x1a\\n')"),
+])
+def test_weights_file_that_is_no_torch_file_is_one_line(tmp_path, content, reason):
+    path = tmp_path / "w.pth"
+    path.write_bytes(content)
+    with pytest.raises(NeurosemError) as err:
+        load_model(f"{PLANTED}:tiny_cnn", weights=str(path))
+    assert str(err.value) == f"weights file {path} {reason}{_FIX}"
+
+
+def test_truncated_weights_file_is_one_line(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(TinyCNN().state_dict(), path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(NeurosemError) as err:
+        load_model(f"{PLANTED}:tiny_cnn", weights=str(path))
+    msg = str(err.value)
+    assert msg.startswith(f"weights file {path} is truncated or damaged (RuntimeError: ") and msg.endswith(_FIX)
+    assert "\n" not in msg
+
+
+class _Payload:
+    """Unpickling this runs ``os.system("touch MARKER")``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def test_weights_file_with_code_is_refused_without_running_it(tmp_path):
+    path, marker = tmp_path / "w.pth", tmp_path / "marker"
+    torch.save({"state_dict": TinyCNN().state_dict(), "extra": _Payload(marker)}, path)
+    with pytest.raises(NeurosemError) as err:
+        load_model(f"{PLANTED}:tiny_cnn", weights=str(path))
+    assert str(err.value) == (f"weights file {path} holds objects other than tensors (posix.system), so it was "
+                              f"not loaded (unpickling them could run code){_FIX}")
+    assert not marker.exists()
+    torch.load(path, weights_only=False)   # a plain torch.load would have run it
+    assert marker.exists()
+    torch.save(TinyCNN(), path)            # a whole pickled module: refused the same way
+    with pytest.raises(NeurosemError, match=r"holds objects other than tensors \(_planted.TinyCNN\)"):
+        load_model(f"{PLANTED}:tiny_cnn", weights=str(path))
+
+
+def test_refusal_message_of_older_torch_releases_names_the_class(tmp_path, monkeypatch):
+    import pickle
+
+    path = tmp_path / "w.pth"
+    torch.save(TinyCNN().state_dict(), path)
+
+    def old_torch_load(*args, **kwargs):  # torch 2.0-2.3 phrase the refusal so
+        raise pickle.UnpicklingError("Weights only load failed. Re-running `torch.load` with `weights_only` "
+                                     "set to `False` will likely succeed.\n\nWeightsUnpickler error: "
+                                     "Unsupported class posix.system")
+
+    monkeypatch.setattr(torch, "load", old_torch_load)
+    with pytest.raises(NeurosemError, match=r"holds objects other than tensors \(posix.system\), so"):
+        load_model(f"{PLANTED}:tiny_cnn", weights=str(path))
+
+
 # ---------------------------------------------------------------- torchvision
 @pytest.fixture
 def hub_dir(tmp_path, monkeypatch):

@@ -94,7 +94,7 @@ def test_skd_two_epochs_end_to_end_without_the_teacher(tmp_path, cifar_root, vec
     from neurosem.embed import load_embedding, similarity_probs
 
     emb = load_embedding(vectors_resnet14)
-    ck = torch.load(out["checkpoint_path"], weights_only=False)
+    ck = torch.load(out["checkpoint_path"], weights_only=True)
     torch.testing.assert_close(ck["criterion"]["target_0"],
                                similarity_probs(torch.as_tensor(emb.vectors("layer1"))).float())
 
@@ -114,7 +114,7 @@ def test_resume_gives_the_same_final_state(tmp_path, cifar_root, vectors_resnet1
     monkeypatch.setattr(T, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         T.distill(run=tmp_path / "cut", **args)
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(T, "_save_checkpoint", real_save)
     resumed = T.distill(run=tmp_path / "cut", **args)
     assert resumed["test_acc"] == full["test_acc"]
@@ -235,3 +235,127 @@ def test_cli_distill(tmp_path, cifar_root, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     saved = json.loads((tmp_path / "cli" / "distill.json").read_text())
     assert out["final_acc"] == saved["final_acc"] and out["results_path"] == saved["results_path"]
+
+
+# ---------------------------------------------------------------- checkpoints from elsewhere
+
+@pytest.fixture(scope="module")
+def ce_run(tmp_path_factory, cifar_root):
+    """A finished one-epoch run: (run directory, the distill arguments)."""
+    run = tmp_path_factory.mktemp("ce") / "run"
+    args = dict(student="resnet8", method="ce", data=f"cifar100:{cifar_root}", **{**FAST, "epochs": 1})
+    T.distill(run=run, **args)
+    return run, args
+
+
+def _pickle_globals(path: Path) -> set:
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    ops = list(pickletools.genops(data))
+    return {arg.replace(" ", ".") if op.name == "GLOBAL" else f"{ops[i - 2][1]}.{ops[i - 1][1]}"
+            for i, (op, arg, _) in enumerate(ops) if op.name in ("GLOBAL", "STACK_GLOBAL")}
+
+
+def test_checkpoint_holds_tensors_and_plain_containers_only(ce_run):
+    run, _ = ce_run
+    names = _pickle_globals(run / "checkpoint.pt")
+    assert "torch._utils._rebuild_tensor_v2" in names
+    assert names <= {"torch._utils._rebuild_tensor_v2", "collections.OrderedDict", "torch.FloatStorage",
+                     "torch.LongStorage", "torch.ByteStorage"}, names   # no numpy, no Counter
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["rng"]["numpy"]["keys"].dtype == torch.int64 and state["rng"]["numpy"]["keys"].shape == (624,)
+    assert type(state["scheduler"]["milestones"]) is dict
+
+
+def test_rng_state_round_trip():
+    np.random.seed(11)
+    np.random.standard_normal()      # leaves a cached gaussian in the state
+    random_state = T._rng_state()
+    want = (np.random.standard_normal(3), __import__("random").random(), torch.rand(2))
+    np.random.seed(0)
+    T._set_rng_state(random_state)
+    got = (np.random.standard_normal(3), __import__("random").random(), torch.rand(2))
+    assert np.array_equal(want[0], got[0]) and want[1] == got[1] and torch.equal(want[2], got[2])
+
+
+class _Payload:
+    """Unpickling this runs ``os.system("touch MARKER")``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def _copy_run(ce_run, tmp_path) -> Path:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ce_run[0], run)
+    return run
+
+
+def test_planted_checkpoint_is_refused_without_running_it(tmp_path, ce_run):
+    run = _copy_run(ce_run, tmp_path)
+    ckpt, marker = run / "checkpoint.pt", tmp_path / "marker"
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, "history": _Payload(marker)}, ckpt)
+    with pytest.raises(NeurosemError) as err:
+        T.distill(run=run, **ce_run[1])
+    assert str(err.value) == (f"checkpoint {ckpt} holds objects other than tensors (posix.system), so it was "
+                              "not loaded (unpickling them could run code); delete it to start the run afresh, "
+                              "or pass another --run")
+    assert not marker.exists()
+    torch.load(ckpt, weights_only=False)   # the old reader would have run it
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("text", "is a text file, not one written by torch.save;"),
+    ("empty", "is empty;"),
+    ("truncated", "is truncated or damaged (RuntimeError: PytorchStreamReader failed reading zip archive"),
+    ("garbage", "is not a file written by torch.save (it starts with b'\\x00\\x01\\x02"),
+    ("foreign", "is not a neurosem distill checkpoint (no epoch, model, optimizer, scheduler, history, rng);"),
+    ("no model", "does not fit this run (RuntimeError: Error(s) in loading state_dict for CifarResNet: Missing key(s)"),
+])
+def test_damaged_checkpoint_is_one_line(tmp_path, ce_run, damage, expected):
+    run = _copy_run(ce_run, tmp_path)
+    ckpt = run / "checkpoint.pt"
+    data = ckpt.read_bytes()
+    if damage == "text":
+        ckpt.write_text("epoch 3\n")
+    elif damage == "empty":
+        ckpt.write_bytes(b"")
+    elif damage == "truncated":
+        ckpt.write_bytes(data[:len(data) // 2])
+    elif damage == "garbage":
+        ckpt.write_bytes(bytes(range(200)))
+    elif damage == "foreign":
+        torch.save({"config": torch.load(ckpt, weights_only=True)["config"]}, ckpt)
+    else:
+        torch.save({**torch.load(ckpt, weights_only=True), "model": {}}, ckpt)
+    with pytest.raises(NeurosemError) as err:
+        T.distill(run=run, **ce_run[1])
+    msg = str(err.value)
+    assert msg.startswith(f"checkpoint {ckpt} {expected}"), msg
+    assert msg.endswith("; delete it to start the run afresh, or pass another --run") and "\n" not in msg
+
+
+def test_cli_damaged_checkpoint_exits_2(tmp_path, ce_run, cifar_root, capsys):
+    from neurosem.cli import main
+
+    run = _copy_run(ce_run, tmp_path)
+    (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:100])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--student", "resnet8", "--method", "ce", "--data", f"cifar100:{cifar_root}",
+              "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet",
+              "--run", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: checkpoint {run / 'checkpoint.pt'} is truncated or damaged (")
