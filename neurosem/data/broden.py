@@ -185,6 +185,9 @@ class BrodenDataset(Dataset):
                  transform: Callable[[Any], Any] | None = None, with_labels: bool = True,
                  image_size: int | None = None) -> None:
         self.root = resolve_broden_root(root, image_size)
+        # files may lie under the directory or under images/ (which may be a symlink to a shared disk)
+        self._real_bases: tuple[str, ...] = tuple(sorted({os.path.realpath(self.root),
+                                                          os.path.realpath(self.root / "images")}))
         self.split = split
         self.transform = transform
         self.with_labels = with_labels
@@ -359,8 +362,7 @@ class BrodenDataset(Dataset):
 
         path = self.root / "images" / rel
         real = os.path.realpath(path)
-        bases = {os.path.realpath(self.root), os.path.realpath(self.root / "images")}
-        if not any(real == b or real.startswith(b.rstrip(os.sep) + os.sep) for b in bases):
+        if not any(real == b or real.startswith(b.rstrip(os.sep) + os.sep) for b in self._real_bases):
             raise DataError(f"{path}: {what} resolves to {real}, outside the Broden directory {self.root} "
                             f"(listed in index.csv line {line}); keep the files inside it (no symlinks out)")
         return read_image(path, what, f"{what} missing (listed in index.csv line {line})")
