@@ -103,7 +103,8 @@ def _load_pickle(path: Path) -> dict[str, Any]:
 
 def read_cifar_split(root: str | Path, name: str = "cifar100", train: bool = True
                      ) -> tuple[np.ndarray, list[int], list[str]]:
-    """Read one split with the restricted pickle reader (no torchvision, no checksum): ``(images uint8 [N, 32, 32, 3], labels, classes)``.
+    """Read one split with the restricted pickle reader (no torchvision, no checksum):
+    ``(images uint8 [N, 32, 32, 3], labels, classes)``.
 
     Example:
         >>> images, labels, classes = read_cifar_split("data", "cifar100", train=False)  # doctest: +SKIP
