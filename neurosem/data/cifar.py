@@ -8,8 +8,9 @@ pass its MD5 check (the official release). Files in the same pickle format that 
 official checksums (a re-packed or generated set, e.g. the tests' or ``benchmarks/
 distill_digits.py``'s) and installs where torchvision is broken are read by the restricted pickle
 reader here, which yields the same arrays: it builds only dicts, lists, strings, numbers and numpy
-arrays, and refuses any other object a pickle names (so a planted file cannot run code). ``ds.reader`` says which one ran and ``ds.verified`` whether the
-official checksums matched; the distillation results record both.
+arrays, and refuses any other object a pickle names (so a planted file cannot run code).
+``ds.reader`` says which one ran and ``ds.verified`` whether the official checksums matched; the
+distillation results record both.
 
 Transforms receive a PIL image (as every neurosem dataset's) and return ``FloatTensor[3, H, W]``;
 without one the image is ``pil_to_tensor`` only (values in [0, 1]). The augmentation is plain

@@ -210,7 +210,8 @@ def test_restricted_reader_refuses_other_uses_of_its_globals(tmp_path):
 
     write_cifar(tmp_path, (_images(2, 0), [0, 1]), (_images(1, 0), [0]))
     path = tmp_path / "cifar-100-python" / "test"
-    for body, what in ((b"c_codecs\nencode\nX\x01\x00\x00\x00xX\x04\x00\x00\x00zlib\x86R", "_codecs.encode with 'zlib'"),
+    zlib_encode = b"c_codecs\nencode\nX\x01\x00\x00\x00xX\x04\x00\x00\x00zlib\x86R"
+    for body, what in ((zlib_encode, "_codecs.encode with 'zlib'"),
                        (b"c__builtin__\nbytes\nJ\x00\xca\x9a;\x85R", "bytes() with arguments"),
                        (b"cbuiltins\neval\nX\x03\x00\x00\x001+1\x85R", "builtins.eval")):
         path.write_bytes(b"\x80\x02" + body + b".")
