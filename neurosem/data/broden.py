@@ -40,8 +40,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from neurosem.errors import DataError
 
@@ -60,6 +58,7 @@ class _Item:
     row: int                      # line number in index.csv (header = line 1)
     planes: tuple[str, ...]
     image_labels: tuple[int, ...]
+    plane_categories: tuple[int, ...] = ()   # index into the dataset's categories, per plane
 
 
 def resolve_broden_root(root: str | Path, image_size: int | None = None) -> Path:
@@ -154,8 +153,9 @@ def _float(value: str, path: Path, line: int, column: str) -> float:
                         f"{value!r}") from None
 
 
-class BrodenDataset(Dataset):
-    """A Broden directory as a torch dataset.
+class BrodenDataset:
+    """A Broden directory as a map-style dataset (for torch's DataLoader; torch is imported only by
+    ``__getitem__``).
 
     Args:
         root: the Broden directory (holding index.csv), or a folder holding one or several
@@ -296,8 +296,9 @@ class BrodenDataset(Dataset):
         sizes: dict[tuple[int, int, int, int], tuple[int, int]] = {}  # size -> (count, first line)
         for line, r in enumerate(rows, start=2):
             planes: list[str] = []
+            plane_cats: list[int] = []
             labels: list[int] = []
-            for cat in self.categories:
+            for cat_index, cat in enumerate(self.categories):
                 for entry in r.get(cat, "").split(";"):
                     entry = entry.strip()
                     if not entry:
@@ -312,6 +313,7 @@ class BrodenDataset(Dataset):
                     else:
                         self._check_inside(entry, path, line, r["image"], cat)
                         planes.append(entry)
+                        plane_cats.append(cat_index)
                         n_files[cat] += 1
             if split is not None and r["split"] != split:
                 continue
@@ -321,7 +323,7 @@ class BrodenDataset(Dataset):
             size = tuple(_int(r[c], path, line, c) for c in ("ih", "iw", "sh", "sw"))
             count, first = sizes.get(size, (0, line))
             sizes[size] = (count + 1, first)
-            items.append(_Item(r["image"], line, tuple(planes), tuple(labels)))
+            items.append(_Item(r["image"], line, tuple(planes), tuple(labels), tuple(plane_cats)))
         if len(sizes) > 1:
             desc = "; ".join(f"{ih}x{iw} images with {sh}x{sw} labels on {cnt} row"
                              f"{'s' if cnt != 1 else ''} from line {first}" for (ih, iw, sh, sw), (cnt, first) in sizes.items())
@@ -381,10 +383,25 @@ class BrodenDataset(Dataset):
 
     def load_seg(self, i: int) -> np.ndarray:
         """Label planes of item ``i``: ``int64 [max_planes, sh, sw]`` (0-padded)."""
-        it = self._items[i]
         sh, sw = self.seg_size
         seg = np.zeros((self.max_planes, sh, sw), dtype=np.int64)
-        for k, rel in enumerate(it.planes):
+        for k, (_, plane) in enumerate(self.load_planes(i)):
+            seg[k] = plane
+        return seg
+
+    def label_files(self, i: int) -> list[tuple[str, Path]]:
+        """``(category, path)`` of each label PNG of item ``i``, in :meth:`load_seg`'s plane order."""
+        it = self._items[i]
+        return [(self.categories[c], self.root / "images" / rel)
+                for rel, c in zip(it.planes, it.plane_categories)]
+
+    def load_planes(self, i: int) -> list[tuple[str, np.ndarray]]:
+        """``(category, int64 [sh, sw] plane)`` of each label PNG of item ``i`` (checked: size
+        and label numbers), in :meth:`load_seg`'s order."""
+        it = self._items[i]
+        sh, sw = self.seg_size
+        out = []
+        for rel, c in zip(it.planes, it.plane_categories):
             img = self._open(rel, "label PNG", it.row)
             if img.mode not in ("RGB", "RGBA"):
                 img = img.convert("RGB")
@@ -399,8 +416,8 @@ class BrodenDataset(Dataset):
                 raise DataError(f"{self.root / 'images' / rel}: label {bad[0]} (R + 256*G) is "
                                 f"not in label.csv" + (f" ({len(bad)} unknown labels)"
                                                        if len(bad) > 1 else ""))
-            seg[k] = plane
-        return seg
+            out.append((self.categories[c], plane))
+        return out
 
     def load_image_labels(self, i: int) -> np.ndarray:
         """Image-level label numbers of item ``i``: ``int64 [max_image_labels]`` (0-padded)."""
@@ -416,6 +433,8 @@ class BrodenDataset(Dataset):
         image = item_image(self.load_image(i), self.transform)
         out: dict[str, Any] = {"image": image, "index": i, "id": self._items[i].image}
         if self.with_labels:
+            import torch
+
             out["seg"] = torch.from_numpy(self.load_seg(i))
             out["image_labels"] = torch.from_numpy(self.load_image_labels(i))
         return out

@@ -55,9 +55,26 @@ def quantile_from_top(top: np.ndarray, total: int, q: float) -> np.ndarray:
     if v >= total - 1:
         return top[:, 0].copy()
     i = math.floor(v)
-    t = np.float64(v - i)
-    a = top[:, total - 1 - i]      # ascending position i
-    b = top[:, total - 2 - i]      # ascending position i + 1
+    # ascending positions i and i + 1
+    return lerp_quantile(top[:, total - 1 - i], top[:, total - 2 - i], total, q)
+
+
+def lerp_quantile(a: np.ndarray, b: np.ndarray, total: int, q: float) -> np.ndarray:
+    """numpy's ``linear`` interpolation between the values at the ascending positions
+    ``floor(v)`` (``a``) and ``floor(v) + 1`` (``b``), ``v = (total - 1)(1 - q)``, with numpy's
+    ``_lerp`` rounding; ``a`` alone when ``v`` is the last position.
+
+    Example:
+        >>> import numpy as np
+        >>> float(lerp_quantile(np.array([1.0]), np.array([2.0]), total=5, q=0.1)[0])  # v = 3.6
+        1.6
+    """
+    a = np.asarray(a, dtype=np.float64)
+    v = (total - 1) * (1.0 - q)
+    if v >= total - 1:
+        return a.copy()
+    t = np.float64(v - math.floor(v))
+    b = np.asarray(b, dtype=np.float64)
     diff = b - a
     if t >= 0.5:
         return b - diff * (1 - t)

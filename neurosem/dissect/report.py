@@ -8,8 +8,10 @@ float32, ``best_label [C]`` (column index), ``best_iou [C]``, ``best_category [C
 (additions to the contract): ``labels/gt [L]`` (label pixel counts), per layer ``threshold_exact``
 (float64, the exact quantile; ``threshold`` is it rounded down to float32, which thresholds float16
 and float32 activations identically), ``category_best_label [C, K]``, ``category_best_iou [C, K]``,
-``top_images [C, k]`` and ``top_values [C, k]`` (dataset positions of the top-activating images and
-their peak activations).
+``top_images [C, k]`` and ``top_values [C, k]`` (dataset positions of each unit's top images and
+its peak activations there), ``top_sizes [C, k]`` (the unit's mask pixels on them: the ranking) and
+``top_maps [C, k, h, w]`` (the raw maps, in the store's dtype, from which the report's masks are
+computed with the tally's rule).
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ class LayerDissection:
     category_best_iou: np.ndarray    # [C, K]
     top_images: np.ndarray         # [C, k] dataset positions (-1: none)
     top_values: np.ndarray         # [C, k] peak activation of those images
+    top_sizes: np.ndarray | None = None   # [C, k] mask pixels on those images
+    top_maps: np.ndarray | None = None    # [C, k, h, w] raw maps of those images
 
 
 # ------------------------------------------------------------------------------------ dissect.h5
@@ -61,8 +65,6 @@ def write_dissection(path: Path, args: dict[str, Any], broden_fingerprint: str,
                      categories: Sequence[str], layers: Sequence[LayerDissection]) -> Path:
     """Write ``dissect.h5`` atomically (a temporary file renamed at the end)."""
     import h5py
-
-    from neurosem.dissect.tally import threshold_for_dtype
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +84,7 @@ def write_dissection(path: Path, args: dict[str, Any], broden_fingerprint: str,
         group = f.create_group("layers")
         for ld in layers:
             g = group.create_group(ld.layer)
-            g.create_dataset("threshold", data=threshold_for_dtype(ld.threshold, _f32()).numpy())
+            g.create_dataset("threshold", data=float32_floor(ld.threshold))
             g.create_dataset("threshold_exact", data=np.asarray(ld.threshold, dtype=np.float64))
             g.create_dataset("iou", data=np.asarray(ld.iou, dtype=np.float32))
             g.create_dataset("best_label", data=np.asarray(ld.best_label, dtype=np.int64))
@@ -93,15 +95,27 @@ def write_dissection(path: Path, args: dict[str, Any], broden_fingerprint: str,
             g.create_dataset("category_best_iou", data=np.asarray(ld.category_best_iou, dtype=np.float32))
             g.create_dataset("top_images", data=np.asarray(ld.top_images, dtype=np.int64))
             g.create_dataset("top_values", data=np.asarray(ld.top_values, dtype=np.float32))
+            if ld.top_sizes is not None:
+                g.create_dataset("top_sizes", data=np.asarray(ld.top_sizes, dtype=np.int64))
+            if ld.top_maps is not None:
+                g.create_dataset("top_maps", data=np.asarray(ld.top_maps))
             assert all(c in cat_index for c in best_cat if c)
     os.replace(tmp, path)
     return path
 
 
-def _f32() -> Any:
-    import torch
+def float32_floor(values: Any) -> np.ndarray:
+    """float64 ``values`` rounded down to float32, so that ``x > rounded`` equals ``x > value`` for
+    every float32 (and float16) ``x`` (:func:`neurosem.dissect.tally.threshold_for_dtype` without torch).
 
-    return torch.float32
+    Example:
+        >>> float(float32_floor([0.1])[0]) <= 0.1
+        True
+    """
+    t64 = np.asarray(values, dtype=np.float64)
+    t = t64.astype(np.float32)
+    up = t.astype(np.float64) > t64
+    return np.where(up, np.nextafter(t, np.float32(-np.inf)), t).astype(np.float32)
 
 
 def _strs(values: Any) -> list[str]:
@@ -214,6 +228,15 @@ class Dissection:
             c = d["iou"].shape[0]
             return np.zeros((c, 0), dtype=np.int64), np.zeros((c, 0), dtype=np.float32)
         return d["top_images"], d["top_values"]
+
+    def top_maps(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(mask pixels [C, k], raw maps [C, k, h, w])`` of each unit's top images (empty arrays
+        when the file does not hold them)."""
+        d = self._layer(layer)
+        if "top_maps" not in d:
+            c = d["iou"].shape[0]
+            return np.zeros((c, 0), dtype=np.int64), np.zeros((c, 0, 1, 1), dtype=np.float16)
+        return d.get("top_sizes", np.zeros(d["top_maps"].shape[:2], dtype=np.int64)), d["top_maps"]
 
     def interpretable(self, layer: str, iou_threshold: float | None = None) -> np.ndarray:
         """``bool [C]``: best IoU >= the threshold (default: the one the dissection was run with)."""

@@ -1,17 +1,17 @@
 """The ``dissect()`` driver: activations.h5 + a Broden directory -> dissect.h5, CSV, JSON, HTML, figure.
 
-Two streaming passes over ``activations.h5`` (batches of ``batch_size`` images, all layers at once):
-
-1. the exact per-unit ``1 - q`` quantile (:class:`~neurosem.dissect.quantile.TopQuantile`) and
-   each unit's top-activating images (:class:`~neurosem.dissect.quantile.TopImages`);
-2. the NetDissect tallies (:class:`~neurosem.dissect.tally.Tally`) against the Broden label planes,
-   read by a DataLoader that decodes only the label PNGs (never the RGB images).
+Two streaming passes over ``activations.h5`` (batches of ``batch_size`` images, all layers at once;
+:mod:`neurosem.dissect.passes`): the exact per-unit ``1 - q`` quantile, then the NetDissect tallies
+against the Broden labels, which come from the label cache (:mod:`neurosem.data.label_cache`: the
+label PNGs are decoded once per Broden directory, by worker processes). The tally pass also picks
+each unit's top images (by mask size) and keeps their raw maps, so the report's masks are the
+tally's own and cost nothing to find. On a machine without an accelerator torch is not imported.
 
 The store must hold the Broden images in index.csv order (the first ``n`` of them are accepted,
 e.g. a run recorded with ``--limit``). Categories that the Broden directory does not have are an
 error when asked for explicitly; with ``categories=None`` every category of category.csv is used.
 A previous ``dissect.h5`` is reused layer by layer when it was made with the same quantile,
-categories, Broden metadata and activations; otherwise everything is recomputed (with a note).
+categories, Broden metadata, activations and ``top``; otherwise everything is recomputed (with a note).
 """
 from __future__ import annotations
 
@@ -26,26 +26,11 @@ from neurosem.errors import DataError, NeurosemError
 from neurosem.record import IDENTITY
 
 #: bumped when the numbers a dissection computes change
-METHOD_VERSION = 1
+METHOD_VERSION = 2
 #: provenance fields of the activations that identify them (the stored layer list is not one:
 #: layers recorded later are added to a matching dissection)
 _ACT_IDENTITY = tuple(k for k in IDENTITY if k != "layers")
 TOP_IMAGES = 4
-
-
-class _BrodenLabels:
-    """Label planes and image-level labels of the first ``n`` images, without decoding images."""
-
-    def __init__(self, ds: Any, n: int) -> None:
-        self.ds, self.n = ds, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[Any, Any]:
-        import torch
-
-        return (torch.from_numpy(self.ds.load_seg(i)), torch.from_numpy(self.ds.load_image_labels(i)))
 
 
 def _check_args(quantile: float, iou_threshold: float, batch_size: int) -> None:
@@ -108,7 +93,7 @@ def _check_ids(store_ids: Sequence[str], ds: Any, path: Path, broden_root: Path)
 def _key(args: dict[str, Any]) -> dict[str, Any]:
     """What makes stored layers reusable (iou_threshold only changes the reports)."""
     return {k: args.get(k) for k in ("quantile", "categories", "broden_fingerprint", "activations",
-                                     "store_id", "n_images", "method_version")}
+                                     "store_id", "n_images", "method_version", "top")}
 
 
 def _describe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -116,16 +101,75 @@ def _describe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(diffs)
 
 
-def _to_device(arr: np.ndarray, dev: Any) -> Any:
-    import torch
+def _maybe_accelerator() -> bool:
+    """Whether this machine may have a torch accelerator (without importing torch): an NVIDIA or
+    AMD driver, or a Mac (MPS)."""
+    return (sys.platform == "darwin" or os.path.exists("/proc/driver/nvidia")
+            or os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd"))
 
-    return torch.from_numpy(arr).to(dev, non_blocking=True)
+
+def choose_engine(device: str) -> tuple[str, Any]:
+    """``("cpu", "cpu")`` for the compiled CPU kernels, or ``("torch", torch.device)``.
+
+    ``auto`` takes an accelerator when torch finds one; on a machine without one it does not import
+    torch at all. ``cpu`` uses the compiled kernels (torch's CPU where numba is missing).
+
+    Example:
+        >>> choose_engine("cpu")          # doctest: +SKIP
+        ('cpu', 'cpu')
+    """
+    from neurosem.dissect._kernels import HAVE_NUMBA
+
+    if str(device) == "cpu" or (str(device) == "auto" and not _maybe_accelerator()):
+        if HAVE_NUMBA:
+            return "cpu", "cpu"
+    from neurosem._device import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cpu" and HAVE_NUMBA:
+        return "cpu", "cpu"
+    return "torch", dev
+
+
+def _set_threads(threads: int | None, engine: str) -> int:
+    from neurosem.dissect.passes import auto_threads
+
+    n = auto_threads() if threads is None else int(threads)
+    if n < 1:
+        raise NeurosemError(f"--threads must be >= 1, got {threads}")
+    if engine == "cpu":
+        from neurosem.dissect._kernels import set_threads
+
+        set_threads(n)
+    else:
+        import torch
+
+        torch.set_num_threads(n)
+    return n
+
+
+def _labels(ds: Any, label_cache: Any, progress: bool) -> Any:
+    """The label source: the cache (built when needed) or, with ``label_cache="none"``, the PNGs."""
+    from neurosem.dissect.passes import LabelSource
+
+    if str(label_cache) == "none":
+        return LabelSource(ds, None)
+    from neurosem.data.label_cache import open_label_cache
+
+    try:
+        return LabelSource(ds, open_label_cache(ds, None if label_cache is None else label_cache,
+                                                progress=progress))
+    except PermissionError as exc:
+        print(f"note: the label cache cannot be written ({exc}); reading the label PNGs directly "
+              "(set NEUROSEM_CACHE_DIR or --label-cache DIR to a writable folder)", file=sys.stderr)
+        return LabelSource(ds, None)
 
 
 def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Sequence[str] | None = None,
             quantile: float = 0.005, iou_threshold: float = 0.04, categories: Sequence[str] | None = None,
             device: str = "auto", batch_size: int = 64, weights: str = "default",
-            progress: bool = True) -> "Dissection":
+            progress: bool = True, top: int = TOP_IMAGES, report: bool = True, threads: int | None = None,
+            label_cache: Any = None) -> "Dissection":
     """NetDissect every unit of ``layers`` against the Broden concepts.
 
     Args:
@@ -141,6 +185,11 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
         batch_size: images per batch in both passes.
         weights: the model weights when recording (see :func:`neurosem.models.load_model`).
         progress: progress bars on stderr.
+        top: top images per unit in the report (ranked by mask size, then peak activation).
+        report: write the HTML report and the summary figure (the CSV and JSON always).
+        threads: CPU threads (default: the idle cores, :func:`~neurosem.dissect.passes.auto_threads`).
+        label_cache: the label cache root (default ``$NEUROSEM_CACHE_DIR`` or ``~/.cache/neurosem``),
+            or ``"none"`` to decode the label PNGs on every run.
 
     Returns:
         The :class:`~neurosem.dissect.report.Dissection` read back from ``dissect.h5``, with
@@ -151,22 +200,22 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
         >>> d.unit_label("layer4", 0)                                                # doctest: +SKIP
         ('house', 'object', 0.12)
     """
-    import torch
-
-    from neurosem._device import resolve_device
-    from neurosem._progress import progress as bar
-    from neurosem.dissect.quantile import TopImages, TopQuantile
+    from neurosem.dissect.passes import run_passes
     from neurosem.dissect.report import LayerDissection, load_dissection, write_dissection
-    from neurosem.dissect.tally import Tally, best_labels
+    from neurosem.dissect.tally import best_labels
     from neurosem.run import resolve_run
     from neurosem.store import ActivationStore
 
     _check_args(quantile, iou_threshold, batch_size)
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or int(top) < 1:
+        raise NeurosemError(f"--top {top}: the number of images per unit must be >= 1 (default {TOP_IMAGES})")
+    top = int(top)
     if isinstance(layers, str):
         layers = [x.strip() for x in layers.split(",") if x.strip()]
     layers = list(layers) if layers else None
     ds = _open_broden(broden, categories)
-    dev = resolve_device(device)
+    engine, dev = choose_engine(device)
+    n_threads = _set_threads(threads, engine)
     spec = getattr(model, "spec", model)
     rd = resolve_run(run, spec)
     act_path = _activations(rd, model, ds.root, layers, weights, batch_size, device, progress)
@@ -191,7 +240,7 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
             "categories": list(ds.categories), "layers": names, "broden": str(ds.root),
             "broden_fingerprint": ds.fingerprint(), "n_images": n, "label_size": list(ds.seg_size),
             "activations": {k: prov.get(k) for k in _ACT_IDENTITY}, "store_id": store.store_id,
-            "method_version": METHOD_VERSION,
+            "method_version": METHOD_VERSION, "top": top,
         }
 
         reuse: dict[str, LayerDissection] = {}
@@ -213,42 +262,19 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
         computed: dict[str, Any] = {}
         labels = None
         if todo:
-            shapes = {name: store.shape(name) for name in todo}
-            tq = {name: TopQuantile(shapes[name][1], quantile, total=n * shapes[name][2] * shapes[name][3],
-                                    device=dev) for name in todo}
-            ti = {name: TopImages(shapes[name][1], TOP_IMAGES, device=dev) for name in todo}
-            with torch.inference_mode():
-                for start, batch in bar(store.iter_batches(todo, batch_size), total=-(-n // batch_size),
-                                        desc="dissect: thresholds", enabled=progress, unit="batch"):
-                    for name in todo:
-                        x = _to_device(batch[name], dev)
-                        tq[name].add(x)
-                        ti[name].add(x, start)
-                thresholds = {name: tq[name].result() for name in todo}
-                del tq
-                k_cat = len(ds.categories)
-                tallies = {name: Tally(thresholds[name], ds.primary_category, k_cat, device=dev) for name in todo}
-                loader = torch.utils.data.DataLoader(
-                    _BrodenLabels(ds, n), batch_size=batch_size, shuffle=False,
-                    num_workers=_workers(n), pin_memory=dev.type == "cuda")
-                for (start, batch), (seg, img) in bar(zip(store.iter_batches(todo, batch_size), loader),
-                                                      total=-(-n // batch_size), desc="dissect: IoU",
-                                                      enabled=progress, unit="batch"):
-                    # labels checked and prepared once for every layer
-                    labels_b = tallies[todo[0]].labels(seg.to(dev, non_blocking=True),
-                                                       img.to(dev, non_blocking=True))
-                    for name in todo:
-                        tallies[name].add(_to_device(batch[name], dev), labels_b)
+            passes = run_passes(store, todo, _labels(ds, label_cache, progress), quantile, engine, dev,
+                                batch_size, top, progress)
+            k_cat = len(ds.categories)
             for name in todo:
-                res = tallies[name].result()
+                res = passes[name].result
                 if labels is None:
                     labels = res
                 best, best_iou, cat_best, cat_iou = best_labels(res.iou, res.label_category, k_cat)
-                top_v, top_i = ti[name].result()
+                tp = passes[name].top
                 computed[name] = LayerDissection(
-                    layer=name, threshold=thresholds[name].numpy(), iou=res.iou, best_label=best,
+                    layer=name, threshold=passes[name].threshold, iou=res.iou, best_label=best,
                     best_iou=best_iou, category_best_label=cat_best, category_best_iou=cat_iou,
-                    top_images=top_i.numpy(), top_values=top_v.numpy())
+                    top_images=tp.images, top_values=tp.maxes, top_sizes=tp.sizes, top_maps=tp.maps)
 
         # Label columns: the labels that occur in the first n images (the same for every layer).
         if labels is not None:
@@ -268,19 +294,12 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
         write_dissection(rd.dissection, args, ds.fingerprint(), numbers, label_names, label_cats, gt,
                          ds.categories, all_layers)
 
-        dis = load_dissection(rd.dissection)
-        outputs = _write_reports(rd, dis, ds, store, progress)
+    dis = load_dissection(rd.dissection)
+    outputs = _write_reports(rd, dis, ds, engine, dev, report, progress)
     dis.outputs = {"dissection": str(rd.dissection), **outputs}
-    rd.update_meta("dissect", {**args, "device": str(dev), "batch_size": int(batch_size),
-                               "outputs": dis.outputs})
+    rd.update_meta("dissect", {**args, "device": str(dev), "engine": engine, "threads": n_threads,
+                               "batch_size": int(batch_size), "outputs": dis.outputs})
     return dis
-
-
-def _workers(n: int) -> int:
-    """DataLoader workers for the label PNGs: none for small sets (start-up costs more)."""
-    if n < 2000:
-        return 0
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 def _layer_from_file(dis: Any, name: str) -> Any:
@@ -289,26 +308,68 @@ def _layer_from_file(dis: Any, name: str) -> Any:
     best, best_iou = dis.best(name)
     cat_best, cat_iou = dis.category_best(name)
     top_i, top_v = dis.top_images(name)
+    sizes, maps = dis.top_maps(name)
     return LayerDissection(layer=name, threshold=dis.threshold(name, exact=True), iou=dis.iou(name),
                            best_label=best, best_iou=best_iou, category_best_label=cat_best,
-                           category_best_iou=cat_iou, top_images=top_i, top_values=top_v)
+                           category_best_iou=cat_iou, top_images=top_i, top_values=top_v,
+                           top_sizes=sizes, top_maps=maps)
 
 
-def _write_reports(rd: Any, dis: Any, ds: Any, store: Any, progress: bool) -> dict[str, Any]:
-    """CSV per layer, summary.json, one HTML page per layer + index.html, the summary figure."""
-    from neurosem.dissect.report import (layer_html_name, write_index_html, write_layer_csv,
+def top_masks(dis: Any, layer: str, seg_size: tuple[int, int], engine: str = "cpu",
+              device: Any = "cpu") -> np.ndarray:
+    """The dissection's masks over each unit's top images, ``bool [C, k, sh, sw]``: the same
+    thresholds, upsampling and rule as the tally, from the raw maps kept in ``dissect.h5``.
+
+    Example:
+        >>> masks = top_masks(load_dissection("runs/resnet18"), "layer4", (112, 112))  # doctest: +SKIP
+    """
+    _, maps = dis.top_maps(layer)
+    thr = dis.threshold(layer, exact=True)
+    c, k, h, w = maps.shape
+    units = np.repeat(np.arange(c), k)
+    if engine == "cpu":
+        from neurosem.dissect._kernels import Geometry, map_masks
+
+        out = map_masks(maps.reshape(c * k, h, w), thr, units, Geometry(h, w, *seg_size))
+        return out.reshape(c, k, *seg_size)
+    import torch
+
+    from neurosem.dissect.tally import unit_masks
+
+    x = torch.from_numpy(maps.astype(np.float32)).to(device)      # [C, k, h, w] as k images of C maps
+    m = unit_masks(x.transpose(0, 1).contiguous(), torch.as_tensor(thr, dtype=torch.float64), seg_size)
+    return m.transpose(0, 1).cpu().numpy()
+
+
+def _write_reports(rd: Any, dis: Any, ds: Any, engine: str, device: Any, report: bool,
+                   progress: bool) -> dict[str, Any]:
+    """CSV per layer and summary.json; with ``report``, one HTML page per layer + index.html and
+    the summary figure. The pages cost in proportion to the units and images shown."""
+    from neurosem.dissect.report import (UnitTiles, layer_html_name, write_index_html, write_layer_csv,
                                          write_layer_html, write_summary, write_summary_figure)
 
     out_dir = rd.dissect_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     csvs = [str(write_layer_csv(out_dir / f"{name}.csv", dis, name)) for name in dis.layers]
     summary = write_summary(out_dir / "summary.json", dis)
+    outputs: dict[str, Any] = {"csv": csvs, "summary": str(summary)}
+    if not report:
+        return outputs
     figures = write_summary_figure(rd.figures / "dissect_summary", dis)
     thumb_px = int(min(112, ds.image_size[0], ds.image_size[1]))
     thumbs: dict[int, np.ndarray] = {}
     pages = {}
     for name in dis.layers:
-        tiles = _unit_tiles(dis, name, store, ds.seg_size)
+        top_i, _ = dis.top_images(name)
+        masks = top_masks(dis, name, ds.seg_size, engine, device)
+        tiles = []
+        for u in range(top_i.shape[0]):
+            t = UnitTiles()
+            for j, i in enumerate(top_i[u]):
+                if i >= 0:
+                    t.images.append(int(i))
+                    t.masks.append(masks[u, j])
+            tiles.append(t)
         needed = sorted({i for t in tiles for i in t.images})
         for i in needed:
             if i not in thumbs:
@@ -319,38 +380,8 @@ def _write_reports(rd: Any, dis: Any, ds: Any, store: Any, progress: bool) -> di
         pages[name] = page
     png = next((p for p in figures if p.suffix == ".png"), None)
     index = write_index_html(out_dir / "index.html", dis, pages, png)
-    return {"csv": csvs, "summary": str(summary), "html": str(index),
-            "figures": [str(p) for p in figures]}
-
-
-def _unit_tiles(dis: Any, layer: str, store: Any, seg_size: tuple[int, int]) -> list[Any]:
-    """Each unit's top images and the masks over them (the same masks the tally counted)."""
-    import torch
-
-    from neurosem.dissect.report import UnitTiles
-    from neurosem.dissect.tally import unit_masks
-
-    top_i, _ = dis.top_images(layer)
-    # the exact (float64) thresholds: unit_masks compares in the tally's dtype, as the tally did
-    thr = torch.as_tensor(dis.threshold(layer, exact=True), dtype=torch.float64)
-    tiles = [UnitTiles() for _ in range(top_i.shape[0])]
-    wanted: dict[int, list[int]] = {}
-    for u in range(top_i.shape[0]):
-        for i in top_i[u]:
-            if i >= 0:
-                wanted.setdefault(int(i), []).append(u)
-    masks: dict[tuple[int, int], np.ndarray] = {}
-    for i in sorted(wanted):
-        acts = torch.from_numpy(store.read(layer, i, i + 1)).float()
-        m = unit_masks(acts, thr, seg_size)[0].numpy()
-        for u in wanted[i]:
-            masks[(u, i)] = m[u].copy()        # not a view: the image's other maps can go
-    for u in range(top_i.shape[0]):
-        for i in top_i[u]:
-            if i >= 0:
-                tiles[u].images.append(int(i))
-                tiles[u].masks.append(masks[(u, int(i))])
-    return tiles
+    outputs.update({"html": str(index), "figures": [str(p) for p in figures]})
+    return outputs
 
 
 def _thumbnail(ds: Any, i: int, px: int) -> np.ndarray:

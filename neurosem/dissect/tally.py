@@ -444,6 +444,32 @@ def best_labels(iou: np.ndarray, label_category: np.ndarray, n_categories: int
     return best, best_iou, cat_best, cat_iou
 
 
+def tally_result(gt: np.ndarray, both: np.ndarray, act: np.ndarray, unit_pixels: np.ndarray,
+                 primary: np.ndarray, n_images: int) -> TallyResult:
+    """IoU from the tallies, over the labels that occur (``gt > 0``, label 0 left out).
+
+    Args:
+        gt: ``[n_labels]``; both: ``[C, n_labels]``; act: ``[C, K]``; unit_pixels: ``[C]``;
+        primary: ``[n_labels]`` primary category of each label (-1: none); n_images: images tallied.
+
+    Example:
+        >>> import numpy as np
+        >>> r = tally_result(np.array([0, 4]), np.array([[0, 2]]), np.array([[3]]), np.array([3]),
+        ...                  np.array([-1, 0]), 1)
+        >>> r.labels.tolist(), round(float(r.iou[0, 0]), 6)          # 2 / (3 + 4 - 2)
+        ([1], 0.4)
+    """
+    cols = np.flatnonzero(gt > 0)
+    cols = cols[cols > 0]                                   # label 0: no label
+    cats = primary[cols]
+    both_c = both[:, cols].astype(np.float64)
+    act_l = act[:, cats].astype(np.float64) if cols.size else np.zeros((both.shape[0], 0))
+    iou = both_c / (act_l + gt[cols][None, :].astype(np.float64) - both_c + IOU_EPS)
+    return TallyResult(labels=cols.astype(np.int64), iou=iou, gt=gt[cols], both=both[:, cols],
+                       act=act, unit_pixels=unit_pixels, label_category=cats.astype(np.int64),
+                       n_images=int(n_images))
+
+
 class Tally:
     """Streaming NetDissect tallies for one layer.
 
@@ -628,7 +654,10 @@ class Tally:
         plane_off = torch.arange(planes, device=self.device) * s                # offset of each plane
         both = self.both.view(-1)
         # NetDissect-Lite's rule: a map whose maximum does not exceed the threshold has no mask.
-        pairs = (acts.amax(dim=(2, 3)).to(self._dtype) > self._thr).nonzero()   # [n, 2] (image, unit)
+        maxes = acts.amax(dim=(2, 3))
+        pairs = (maxes.to(self._dtype) > self._thr).nonzero()                   # [n, 2] (image, unit)
+        self.last_maxes = maxes
+        self.last_sizes = torch.zeros(b * c, dtype=torch.long, device=self.device)
         maps_all = acts.reshape(b * c, h, w)
         # maps per chunk: bounded by their size and by their activated pixels (a fraction of s)
         chunk = max(1, self.max_elements // max(1, h * w * 4, s // 8))
@@ -640,6 +669,7 @@ class Tally:
                                             self.max_elements, self._axes)
             size = torch.zeros(n, dtype=torch.long, device=self.device).index_add_(0, rm, rn)
             self.unit_pixels.index_add_(0, ui, size)
+            self.last_sizes.index_copy_(0, bi * c + ui, size)
             hit = torch.zeros(n * (k + 1), dtype=torch.bool, device=self.device)
             step = max(1, self.max_elements // (4 * max(1, planes)))  # no pixel planes: image-level only
             for q0 in range(0, rm.shape[0], step):
@@ -684,19 +714,8 @@ class Tally:
     # -- results ---------------------------------------------------------------------------------
     def result(self) -> TallyResult:
         """IoU over the labels that occur; see the module docstring for the rules."""
-        gt = self.gt.cpu().numpy()
-        both = self.both.cpu().numpy()
-        act = self.act.cpu().numpy()
-        primary = self.primary.numpy()
-        cols = np.flatnonzero(gt > 0)
-        cols = cols[cols > 0]                                   # label 0: no label
-        cats = primary[cols]
-        both_c = both[:, cols].astype(np.float64)
-        act_l = act[:, cats].astype(np.float64) if cols.size else np.zeros((self.n_units, 0))
-        iou = both_c / (act_l + gt[cols][None, :].astype(np.float64) - both_c + IOU_EPS)
-        return TallyResult(labels=cols.astype(np.int64), iou=iou, gt=gt[cols], both=both[:, cols],
-                           act=act, unit_pixels=self.unit_pixels.cpu().numpy(),
-                           label_category=cats.astype(np.int64), n_images=self.n_images)
+        return tally_result(self.gt.cpu().numpy(), self.both.cpu().numpy(), self.act.cpu().numpy(),
+                            self.unit_pixels.cpu().numpy(), self.primary.numpy(), self.n_images)
 
     def state_dict(self) -> dict[str, Any]:
         """The tallies and what they were made with (CPU tensors)."""

@@ -1,0 +1,354 @@
+"""Compiled CPU kernels of the dissection (numba): the exact quantile of float16 activations, the
+NetDissect tally and the masks of single maps, all with the rules of :mod:`neurosem.dissect.tally`.
+
+The activations arrive as the raw bits of the stored float16 values (``uint16``) and are turned
+into float64 through a 65,536-entry table, or as float32. Every upsampled value is computed with
+:func:`neurosem.dissect.tally.bilinear_value`'s exact order of operations in float64 and compared
+with the float64 threshold, on the cells (between two source rows and two source columns) that have
+a corner above the threshold, as the torch tally does: the masks, and so the tallies, are the same
+bit for bit (tests/dissect/test_kernels.py compares them with the torch tally and with a plain
+per-pixel reference).
+
+Parallel over units (``numba.prange``): each thread owns whole rows of the tallies, so nothing is
+shared and the work is split in equal static shares; a busy core slows its share, it does not stall
+the others in spin-waits (the failure of small torch ops with many threads on a loaded machine).
+
+Importing this module compiles nothing; the first call of each kernel loads it from numba's on-disk
+cache (or compiles it once, a few seconds, then caches it).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+try:  # numba is a dependency; without it (an unsupported Python) the torch tally is used
+    import numba
+    from numba import njit, prange
+    from numba.extending import overload
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    HAVE_NUMBA = False
+
+#: float16 bit pattern -> its value as float64
+F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float64)
+#: sortable key (uint16 order = value order) -> float16 bit pattern
+_KEY_TO_BITS = np.where(np.arange(65536) >= 0x8000, np.arange(65536) ^ 0x8000,
+                        (~np.arange(65536)) & 0xFFFF).astype(np.uint16)
+
+
+def axis_tables(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear (``align_corners=False``) geometry of one axis, as the tally uses it.
+
+    Returns:
+        ``(lo [n_out], lam [n_out], first [n_in], stop [n_in])``: output ``o`` lies between source
+        pixels ``lo[o]`` and ``min(lo[o] + 1, n_in - 1)`` at weight ``lam[o]`` (float64, the values
+        of ``neurosem.dissect.tally._axis``); source ``i`` owns the outputs ``first[i] .. stop[i] - 1``.
+
+    Example:
+        >>> lo, lam, first, stop = axis_tables(2, 4)
+        >>> lo.tolist(), lam.tolist(), first.tolist(), stop.tolist()
+        ([0, 0, 0, 1], [0.0, 0.25, 0.75, 0.25], [0, 3], [3, 4])
+    """
+    o = np.arange(n_out, dtype=np.float64)
+    src = np.maximum((o + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    lam = src - lo.astype(np.float64)
+    first = np.searchsorted(lo, np.arange(n_in), side="left").astype(np.int64)
+    stop = np.searchsorted(lo, np.arange(n_in), side="right").astype(np.int64)
+    return lo, lam, first, stop
+
+
+if HAVE_NUMBA:
+    def _value(x: Any, k: int, table: Any) -> float:  # pragma: no cover - replaced by overload
+        raise NotImplementedError
+
+    @overload(_value, inline="always")
+    def _value_impl(x, k, table):  # noqa: ANN001 - numba typing hook
+        if x.dtype == numba.types.uint16:
+            return lambda x, k, table: table[x[k]]
+        return lambda x, k, table: np.float64(x[k])
+
+    @njit(cache=True, nogil=True, parallel=True)
+    def _histogram(bits, hist, nan):  # pragma: no cover - compiled
+        """``hist[u, key] += 1`` for every float16 value of unit ``u``; ``bits: [B, C, S]``."""
+        b_n, c_n, s_n = bits.shape
+        for u in prange(c_n):
+            for b in range(b_n):
+                for s in range(s_n):
+                    v = np.int64(bits[b, u, s])
+                    if (v & 0x7FFF) > 0x7C00:
+                        nan[u] += 1
+                    elif v & 0x8000:
+                        hist[u, (~v) & 0xFFFF] += 1
+                    else:
+                        hist[u, v | 0x8000] += 1
+
+    @njit(cache=True, nogil=True)
+    def _ranked(hist, rank):  # pragma: no cover - compiled
+        """Per unit, the key of the ``rank[u]``-th largest value (0 = the largest)."""
+        c_n = hist.shape[0]
+        out = np.empty(c_n, dtype=np.int64)
+        for u in range(c_n):
+            seen = 0
+            k = hist.shape[1] - 1
+            while k > 0:
+                seen += hist[u, k]
+                if seen > rank[u]:
+                    break
+                k -= 1
+            out[u] = k
+        return out
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _active(m, t, rowmax, lo_y, lam_y, f_y, s_y, lam_x, f_x, s_x, sw, same, pix):  # pragma: no cover
+        """The activated pixels (flat indices into ``[sh, sw]``) of one map ``m [h, w]`` (float64)."""
+        h, w = m.shape
+        n = 0
+        if same:
+            for i in range(h):
+                if rowmax[i] > t:
+                    for j in range(w):
+                        if m[i, j] > t:
+                            pix[n] = i * sw + j
+                            n += 1
+            return n
+        for i in range(h):
+            i1 = min(i + 1, h - 1)
+            if not (rowmax[i] > t or rowmax[i1] > t) or f_y[i] == s_y[i]:
+                continue
+            for j in range(w):
+                if f_x[j] == s_x[j]:
+                    continue
+                j1 = min(j + 1, w - 1)
+                a = m[i, j]
+                b = m[i, j1]
+                c = m[i1, j]
+                d = m[i1, j1]
+                if not (a > t or b > t or c > t or d > t):
+                    continue
+                ba = b - a
+                ca = c - a
+                dc = d - c
+                for oy in range(f_y[i], s_y[i]):
+                    ly = lam_y[oy]
+                    aa = a + ly * ca
+                    bb = ba + ly * (dc - ba)
+                    row = oy * sw
+                    for ox in range(f_x[j], s_x[j]):
+                        if aa + lam_x[ox] * bb > t:
+                            pix[n] = row + ox
+                            n += 1
+        return n
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _load_map(x, b, u, table, m, rowmax):  # pragma: no cover - compiled
+        """Map ``(b, u)`` of ``x [B, C, h, w]`` into ``m`` (float64); returns its maximum."""
+        h, w = m.shape
+        base = (b * x.shape[1] + u) * h * w
+        flat = x.reshape(-1)
+        mx = -np.inf
+        for i in range(h):
+            r = -np.inf
+            for j in range(w):
+                v = _value(flat, base + i * w + j, table)
+                m[i, j] = v
+                if v > r:
+                    r = v
+            rowmax[i] = r
+            if r > mx:
+                mx = r
+        return mx
+
+    @njit(cache=True, nogil=True, parallel=True)
+    def _tally(x, table, thr, seg, n_planes, img_labels, cat_of, n_cat, lo_y, lam_y, f_y, s_y,
+               lam_x, f_x, s_x, sh, sw, same, both, act, unit_pixels, sizes, maxes):  # pragma: no cover
+        """Tally one batch of one layer (see :func:`tally_batch`). Units go in blocks of 8 to the
+        threads; within a block the images are the outer loop, so an image's label planes stay
+        in the cache while the block's units read them."""
+        b_n, c_n, h, w = x.shape
+        m_n = img_labels.shape[1]
+        block = 8
+        for ub in prange((c_n + block - 1) // block):
+            m = np.empty((h, w), dtype=np.float64)
+            rowmax = np.empty(h, dtype=np.float64)
+            pix = np.empty(sh * sw, dtype=np.int64)
+            hit = np.zeros(n_cat + 1, dtype=np.bool_)
+            for b in range(b_n):
+                for u in range(ub * block, min(c_n, ub * block + block)):
+                    t = thr[u]
+                    mx = _load_map(x, b, u, table, m, rowmax)
+                    maxes[b, u] = mx
+                    if not mx > t:
+                        sizes[b, u] = 0
+                        continue
+                    n = _active(m, t, rowmax, lo_y, lam_y, f_y, s_y, lam_x, f_x, s_x, sw, same, pix)
+                    sizes[b, u] = n
+                    if n == 0:
+                        continue
+                    hit[:] = False
+                    for p in range(n_planes[b]):
+                        for k in range(n):
+                            lab = seg[b, p, pix[k]]
+                            if lab != 0:
+                                both[u, lab] += 1
+                                hit[cat_of[lab]] = True
+                    for k in range(m_n):
+                        lab = img_labels[b, k]
+                        if lab != 0:
+                            both[u, lab] += n
+                            hit[cat_of[lab]] = True
+                    for c in range(n_cat):
+                        if hit[c]:
+                            act[u, c] += n
+                    unit_pixels[u] += n
+
+    @njit(cache=True, nogil=True)
+    def _masks(x, table, thr, units, lo_y, lam_y, f_y, s_y, lam_x, f_x, s_x, sh, sw, same, out):  # pragma: no cover
+        """``out[k] = mask of map k`` for ``x [n, 1, h, w]`` thresholded at ``thr[units[k]]``."""
+        n_maps, _, h, w = x.shape
+        m = np.empty((h, w), dtype=np.float64)
+        rowmax = np.empty(h, dtype=np.float64)
+        pix = np.empty(sh * sw, dtype=np.int64)
+        for k in range(n_maps):
+            t = thr[units[k]]
+            flat = out[k].reshape(-1)
+            flat[:] = False
+            mx = _load_map(x, k, 0, table, m, rowmax)
+            if not mx > t:
+                continue
+            n = _active(m, t, rowmax, lo_y, lam_y, f_y, s_y, lam_x, f_x, s_x, sw, same, pix)
+            for q in range(n):
+                flat[pix[q]] = True
+
+
+def set_threads(n: int) -> None:
+    """Threads of the compiled kernels (at most numba's ``NUMBA_NUM_THREADS``)."""
+    if HAVE_NUMBA:
+        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+def _as_input(acts: np.ndarray) -> np.ndarray:
+    """float16 as its bits (``uint16``), float32/float64 as they are, contiguous."""
+    acts = np.ascontiguousarray(acts)
+    if acts.dtype == np.float16:
+        return acts.view(np.uint16)
+    if acts.dtype not in (np.float32, np.float64):
+        return acts.astype(np.float32)
+    return acts
+
+
+class Geometry:
+    """The upsampling tables from ``(h, w)`` maps to ``(sh, sw)`` label maps."""
+
+    def __init__(self, h: int, w: int, sh: int, sw: int) -> None:
+        self.size = (int(sh), int(sw))
+        self.same = (h, w) == (sh, sw)
+        lo_y, self.lam_y, self.f_y, self.s_y = axis_tables(h, sh)
+        _, self.lam_x, self.f_x, self.s_x = axis_tables(w, sw)
+        self.lo_y = lo_y
+
+    def args(self) -> tuple:
+        return (self.lo_y, self.lam_y, self.f_y, self.s_y, self.lam_x, self.f_x, self.s_x,
+                self.size[0], self.size[1], self.same)
+
+
+class F16Quantile:
+    """Exact ``1 - q`` quantile per unit of float16 activations from a histogram of their bit
+    patterns (at most 65,536 distinct values per unit): ``C × 65,536`` counts, one pass, the result
+    bit-identical to ``numpy.quantile`` of the values in float64.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float16)
+        >>> fq = F16Quantile(3, q=0.05); fq.add(x[:2]); fq.add(x[2:])
+        >>> ref = np.quantile(x.astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1), 0.95, axis=1)
+        >>> bool((fq.result() == ref).all())
+        True
+    """
+
+    def __init__(self, n_units: int, q: float) -> None:
+        self.n_units, self.q = int(n_units), float(q)
+        self.hist = np.zeros((self.n_units, 65536), dtype=np.int32)
+        self.nan = np.zeros(self.n_units, dtype=np.int64)
+        self.count = 0
+
+    def add(self, acts: np.ndarray) -> None:
+        """Add a batch ``acts: [B, C, ...]`` float16."""
+        if acts.dtype != np.float16:
+            raise TypeError("F16Quantile takes float16 activations")
+        b, c = acts.shape[:2]
+        bits = np.ascontiguousarray(acts).view(np.uint16).reshape(b, c, -1)
+        if self.hist.dtype == np.int32 and self.count + bits.shape[2] * b >= 2 ** 31:
+            self.hist = self.hist.astype(np.int64)      # more values per unit than int32 counts
+        _histogram(bits, self.hist, self.nan)
+        self.count += bits.shape[2] * b
+
+    def result(self) -> np.ndarray:
+        """``[C]`` float64 thresholds (NaN for a unit that has a NaN value, as numpy gives)."""
+        from neurosem.dissect.quantile import lerp_quantile, top_count
+
+        total = self.count
+        if total == 0:
+            return np.full(self.n_units, np.nan)
+        k = top_count(total, self.q)             # the value at ascending position total - k ...
+        lo_key = _ranked(self.hist, np.full(self.n_units, k - 1, dtype=np.int64))
+        hi_key = _ranked(self.hist, np.full(self.n_units, max(k - 2, 0), dtype=np.int64))
+        a = F16_TABLE[_KEY_TO_BITS[lo_key]]
+        b = F16_TABLE[_KEY_TO_BITS[hi_key]] if k >= 2 else a
+        out = lerp_quantile(a, b, total, self.q)
+        out[self.nan > 0] = np.nan
+        return out
+
+
+def tally_batch(acts: np.ndarray, thresholds: np.ndarray, seg: np.ndarray, n_planes: np.ndarray,
+                image_labels: np.ndarray, category_of: np.ndarray, n_categories: int,
+                geometry: Geometry, both: np.ndarray, act: np.ndarray, unit_pixels: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Add one batch of one layer to the tallies (in place).
+
+    Args:
+        acts: ``[B, C, h, w]`` float16/float32 activations.
+        thresholds: ``[C]`` float64.
+        seg: ``[B, P, sh * sw]`` label numbers (uint16/int32/int64; 0 = none).
+        n_planes: ``[B]`` planes of each image (planes past it are not read).
+        image_labels: ``[B, M]`` image-level label numbers (0 = padding).
+        category_of: ``[n_labels]`` category index of each label (``n_categories``: none).
+        n_categories: ``K``.
+        geometry: :class:`Geometry` of the layer.
+        both: ``[C, n_labels]`` int64; act: ``[C, K]`` int64; unit_pixels: ``[C]`` int64.
+
+    Returns:
+        ``(sizes [B, C] int64, maxes [B, C] float64)``: the mask size and the maximum of each map.
+    """
+    x = _as_input(acts)
+    b, c = x.shape[:2]
+    sizes = np.zeros((b, c), dtype=np.int64)
+    maxes = np.empty((b, c), dtype=np.float64)
+    _tally(x, F16_TABLE, np.ascontiguousarray(thresholds, dtype=np.float64), seg,
+           np.ascontiguousarray(n_planes, dtype=np.int64), np.ascontiguousarray(image_labels, dtype=np.int64),
+           np.ascontiguousarray(category_of, dtype=np.int64), int(n_categories), *geometry.args(),
+           both, act, unit_pixels, sizes, maxes)
+    return sizes, maxes
+
+
+def map_masks(maps: np.ndarray, thresholds: np.ndarray, units: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The dissection's masks of single maps.
+
+    Args:
+        maps: ``[n, h, w]`` float16/float32 raw maps.
+        thresholds: ``[C]`` float64 thresholds of the layer.
+        units: ``[n]`` the unit of each map.
+        geometry: :class:`Geometry` of the layer.
+
+    Returns:
+        ``[n, sh, sw]`` bool, the pixels the tally counts for these maps.
+    """
+    x = _as_input(maps)
+    x = x.reshape(x.shape[0], 1, *x.shape[1:])
+    out = np.zeros((x.shape[0], *geometry.size), dtype=np.bool_)
+    if x.shape[0]:
+        _masks(x, F16_TABLE, np.ascontiguousarray(thresholds, dtype=np.float64),
+               np.ascontiguousarray(units, dtype=np.int64), *geometry.args(), out)
+    return out

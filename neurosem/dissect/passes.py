@@ -1,0 +1,220 @@
+"""The two streaming passes of a dissection over ``activations.h5``, on the CPU or a torch device.
+
+1. thresholds: the exact per-unit ``1 - q`` quantile
+   (:class:`~neurosem.dissect._kernels.F16Quantile` for float16 stores on the CPU, else
+   :class:`~neurosem.dissect.quantile.TopQuantile`);
+2. tallies against the Broden labels (from the label cache, :mod:`neurosem.data.label_cache`),
+   and each unit's top images with their raw maps (:class:`~neurosem.dissect.topmaps.TopMaps`).
+
+Engines: ``cpu`` runs the compiled kernels of :mod:`neurosem.dissect._kernels` (numba); ``torch``
+runs :class:`~neurosem.dissect.tally.Tally` on a torch device (CUDA, MPS, or the CPU where numba is
+missing). Both give the same numbers (tests/dissect/test_kernels.py).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from neurosem.errors import DataError, NeurosemError
+
+
+@dataclass
+class LayerPass:
+    """What the passes computed for one layer: ``threshold [C]`` (float64), the tallies
+    (:class:`~neurosem.dissect.tally.TallyResult`) and the top images
+    (:class:`~neurosem.dissect.topmaps.TopResult`)."""
+
+    threshold: np.ndarray
+    result: Any
+    top: Any
+
+
+class LabelSource:
+    """The labels of a batch of images, from the label cache or (``cache=None``) the PNGs.
+
+    Args:
+        ds: the :class:`~neurosem.data.broden.BrodenDataset` (its categories are the ones tallied).
+        cache: a :class:`~neurosem.data.label_cache.LabelCache`, or ``None``.
+    """
+
+    def __init__(self, ds: Any, cache: Any = None) -> None:
+        self.ds, self.cache = ds, cache
+        self.size = tuple(ds.seg_size)
+
+    def batch(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(seg [B, P, sh * sw], n_planes [B], image_labels [B, M])`` of images ``start..stop``."""
+        ds = self.ds
+        il = np.stack([ds.load_image_labels(i) for i in range(start, stop)]) if stop > start else \
+            np.zeros((0, ds.max_image_labels), dtype=np.int64)
+        if self.cache is not None:
+            seg, n_planes = self.cache.batch(start, stop, ds.pixel_categories)
+            return seg, n_planes, il
+        planes = [ds.load_planes(i) for i in range(start, stop)]
+        n_planes = np.array([len(p) for p in planes], dtype=np.int64)
+        s = self.size[0] * self.size[1]
+        seg = np.zeros((stop - start, max(1, int(n_planes.max(initial=0))), s), dtype=np.int64)
+        for b, ps in enumerate(planes):
+            for k, (_, plane) in enumerate(ps):
+                seg[b, k] = plane.reshape(-1)
+        return seg, n_planes, il
+
+
+def label_counts(seg: np.ndarray, image_labels: np.ndarray, primary: np.ndarray) -> np.ndarray:
+    """``gt`` of a batch, ``[n_labels]``: label entries over all planes plus ``sh·sw`` per
+    image-level label (label 0 counted too, left out later). A label without a category is a
+    :class:`DataError`, as in :meth:`Tally.labels`."""
+    n_labels = primary.shape[0]
+    counts = np.bincount(seg.reshape(-1), minlength=n_labels)
+    if image_labels.size:
+        counts = counts + np.bincount(image_labels.reshape(-1), minlength=n_labels) * seg.shape[-1]
+    if counts.shape[0] > n_labels:
+        raise DataError(f"label number {counts.shape[0] - 1} appears in the label maps but label.csv "
+                        f"defines numbers up to {n_labels - 1}: add it to label.csv or fix the label PNGs")
+    undefined = (counts > 0) & (primary < 0)
+    undefined[0] = False
+    if undefined.any():
+        raise DataError(
+            f"label number {int(np.flatnonzero(undefined)[0])} appears in the label maps but has no "
+            "category (label.csv or the selected c_<category>.csv files do not list it): list it there "
+            "or fix the label PNGs")
+    return counts.astype(np.int64)
+
+
+def auto_threads() -> int:
+    """CPU threads for the dissection: the cores not busy with other work (the CPU count minus
+    the 1-minute load average, rounded), at least 1. Set ``--threads`` to override."""
+    n = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:                       # not on this platform
+        load = 0.0
+    return max(1, min(n, int(n - load + 0.5)))
+
+
+def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: float, engine: str,
+               device: Any, batch_size: int, top_k: int, progress: bool) -> dict[str, LayerPass]:
+    """Both passes over ``names`` of ``store``; see the module docstring.
+
+    Args:
+        store: an open :class:`~neurosem.store.ActivationStore` (complete).
+        names: the layers.
+        labels: where the labels come from.
+        quantile: the upper tail fraction q.
+        engine: ``"cpu"`` (compiled kernels) or ``"torch"``.
+        device: the torch device of the ``torch`` engine (ignored by ``cpu``).
+        batch_size: images per batch.
+        top_k: top images kept per unit.
+        progress: progress bars.
+    """
+    from neurosem._progress import progress as bar
+    from neurosem.dissect.tally import tally_result
+    from neurosem.dissect.topmaps import TopMaps
+
+    ds = labels.ds
+    n = store.n_done
+    n_batches = -(-n // batch_size)
+    shapes = {name: store.shape(name) for name in names}
+    k_cat = len(ds.categories)
+    primary = np.asarray(ds.primary_category, dtype=np.int64)
+    tops = {name: TopMaps(shapes[name][1], top_k, shapes[name][2:], np.dtype(store.dtype)) for name in names}
+    if engine == "cpu":
+        thresholds = _thresholds_cpu(store, names, shapes, quantile, n, batch_size, n_batches, progress)
+    else:
+        thresholds = _thresholds_torch(store, names, shapes, quantile, n, batch_size, n_batches, device,
+                                       progress)
+    gt = np.zeros(primary.shape[0], dtype=np.int64)
+    it = bar(store.iter_batches(list(names), batch_size), total=n_batches, desc="dissect: IoU",
+             enabled=progress, unit="batch")
+    if engine == "cpu":
+        from neurosem.dissect import _kernels as K
+
+        cat_of = np.where(primary < 0, k_cat, primary)
+        geo = {name: K.Geometry(shapes[name][2], shapes[name][3], *labels.size) for name in names}
+        both = {name: np.zeros((shapes[name][1], primary.shape[0]), dtype=np.int64) for name in names}
+        act = {name: np.zeros((shapes[name][1], k_cat), dtype=np.int64) for name in names}
+        pix = {name: np.zeros(shapes[name][1], dtype=np.int64) for name in names}
+        for start, batch in it:
+            b = next(iter(batch.values())).shape[0]
+            seg, n_planes, il = labels.batch(start, start + b)
+            gt += label_counts(seg, il, primary)
+            for name in names:
+                sizes, maxes = K.tally_batch(batch[name], thresholds[name], seg, n_planes, il, cat_of, k_cat,
+                                             geo[name], both[name], act[name], pix[name])
+                tops[name].add(start, sizes, maxes, batch[name])
+        results = {name: tally_result(gt, both[name], act[name], pix[name], primary, n) for name in names}
+    else:
+        import torch
+
+        from neurosem.dissect.tally import Tally
+
+        tallies = {name: Tally(thresholds[name], primary, k_cat, device=device) for name in names}
+        sh, sw = labels.size
+        with torch.inference_mode():
+            for start, batch in it:
+                b = next(iter(batch.values())).shape[0]
+                seg, _, il = labels.batch(start, start + b)
+                seg_t = torch.from_numpy(seg.astype(np.int64)).view(b, -1, sh, sw)
+                lb = tallies[names[0]].labels(seg_t.to(device), torch.from_numpy(il).to(device))
+                for name in names:
+                    t = tallies[name]
+                    t.add(torch.from_numpy(batch[name]).to(device), lb)
+                    c = shapes[name][1]
+                    tops[name].add(start, t.last_sizes.view(b, c).cpu().numpy(),
+                                   t.last_maxes.double().cpu().numpy(), batch[name])
+        results = {name: tallies[name].result() for name in names}
+    return {name: LayerPass(threshold=thresholds[name], result=results[name], top=tops[name].result())
+            for name in names}
+
+
+def _thresholds_cpu(store: Any, names: Sequence[str], shapes: dict, quantile: float, n: int,
+                    batch_size: int, n_batches: int, progress: bool) -> dict[str, np.ndarray]:
+    from neurosem._progress import progress as bar
+    from neurosem.dissect._kernels import F16Quantile
+
+    f16 = [name for name in names if np.dtype(store.dtype) == np.float16]
+    other = [name for name in names if name not in f16]
+    if other:          # float32 stores: the streaming top-k on torch's CPU
+        out = _thresholds_torch(store, other, shapes, quantile, n, batch_size, n_batches, "cpu", progress)
+    else:
+        out = {}
+    if f16:
+        fq = {name: F16Quantile(shapes[name][1], quantile) for name in f16}
+        for _, batch in bar(store.iter_batches(f16, batch_size), total=n_batches, desc="dissect: thresholds",
+                            enabled=progress, unit="batch"):
+            for name in f16:
+                fq[name].add(batch[name])
+        out.update({name: fq[name].result() for name in f16})
+    _check_nan(out)
+    return out
+
+
+def _thresholds_torch(store: Any, names: Sequence[str], shapes: dict, quantile: float, n: int,
+                      batch_size: int, n_batches: int, device: Any, progress: bool) -> dict[str, np.ndarray]:
+    import torch
+
+    from neurosem._progress import progress as bar
+    from neurosem.dissect.quantile import TopQuantile
+
+    tq = {name: TopQuantile(shapes[name][1], quantile, total=n * shapes[name][2] * shapes[name][3],
+                            device=device) for name in names}
+    with torch.inference_mode():
+        for _, batch in bar(store.iter_batches(list(names), batch_size), total=n_batches,
+                            desc="dissect: thresholds", enabled=progress, unit="batch"):
+            for name in names:
+                tq[name].add(torch.from_numpy(batch[name]).to(device, non_blocking=True))
+    out = {name: tq[name].result().double().cpu().numpy() for name in names}
+    _check_nan(out)
+    return out
+
+
+def _check_nan(thresholds: dict[str, np.ndarray]) -> None:
+    for name, thr in thresholds.items():
+        bad = np.flatnonzero(np.isnan(thr))
+        if bad.size:
+            raise NeurosemError(
+                f"layer {name!r}: unit {int(bad[0])} has NaN activations ({bad.size} unit"
+                f"{'s' if bad.size > 1 else ''} in all); the model itself produced NaN (check its weights "
+                "and inputs), or float16 overflowed (record with --dtype float32)")
