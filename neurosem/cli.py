@@ -255,7 +255,7 @@ def kl(run: str | None, layer: str | None, as_json: bool, quiet: bool) -> None:
     Example:
       neurosem kl --run runs/resnet18
     """
-    from neurosem.analysis.kl import kl_report
+    from neurosem.analysis.commands import kl_report
 
     click.echo(kl_report(run=run, layer=layer, as_json=as_json, progress=not quiet))
 
@@ -278,7 +278,7 @@ def query(neuron: str, add: tuple[str, ...], sub: tuple[str, ...], k: int, run: 
       neurosem query --neuron layer4:312 -k 5
       neurosem query --neuron layer4:312 --add layer4:77 --json
     """
-    from neurosem.analysis.query import query_report
+    from neurosem.analysis.commands import query_report
 
     click.echo(query_report(run=run, neuron=neuron, add=_split(add) or (), sub=_split(sub) or (), k=k,
                             as_json=as_json, figure=figure))
