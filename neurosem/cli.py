@@ -288,7 +288,7 @@ def query(neuron: str, add: tuple[str, ...], sub: tuple[str, ...], k: int, run: 
 @_run_option
 @click.option("--formats", default="pdf,png,svg", show_default=True, help="Comma-separated file formats.")
 @click.option("--layer", default=None, help="Layer of the maps and heat map (default: the last embedded layer).")
-@click.option("--neuron", "-n", default=None, help="Unit of the neighbour figure (default: the most interpretable unit).")
+@click.option("--neuron", "-n", default=None, help="Unit of the neighbour figure (default: an interpretable unit whose masks show).")
 @click.option("--dpi", default=300, show_default=True, type=click.IntRange(min=1), help="Resolution of the PNG files.")
 def figures(run: str | None, formats: str, layer: str | None, neuron: str | None, dpi: int) -> None:
     """Draw the paper's figures for a run into RUN/figures (PDF, PNG at 300 dpi, SVG).

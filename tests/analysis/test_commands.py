@@ -51,7 +51,7 @@ def _imports(path: Path, top_level_only: bool = False) -> set[str]:
 
 def test_figures_depend_on_kl_and_query_never_the_reverse():
     figures, cmds = "neurosem.analysis.figures", "neurosem.analysis.commands"
-    for low in ("kl", "query", "masks", "defaults", "_plotstyle"):
+    for low in ("kl", "query", "masks", "maps", "defaults", "_plotstyle"):
         imported = _imports(ANALYSIS / f"{low}.py")
         assert figures not in imported and cmds not in imported, low
     # the style module is the bottom: it imports no other analysis module
