@@ -255,7 +255,7 @@ def kl(run: str | None, layer: str | None, as_json: bool, quiet: bool) -> None:
     Example:
       neurosem kl --run runs/resnet18
     """
-    from neurosem.analysis.kl import kl_report
+    from neurosem.analysis.commands import kl_report
 
     click.echo(kl_report(run=run, layer=layer, as_json=as_json, progress=not quiet))
 
@@ -278,7 +278,7 @@ def query(neuron: str, add: tuple[str, ...], sub: tuple[str, ...], k: int, run: 
       neurosem query --neuron layer4:312 -k 5
       neurosem query --neuron layer4:312 --add layer4:77 --json
     """
-    from neurosem.analysis.query import query_report
+    from neurosem.analysis.commands import query_report
 
     click.echo(query_report(run=run, neuron=neuron, add=_split(add) or (), sub=_split(sub) or (), k=k,
                             as_json=as_json, figure=figure))
@@ -288,7 +288,7 @@ def query(neuron: str, add: tuple[str, ...], sub: tuple[str, ...], k: int, run: 
 @_run_option
 @click.option("--formats", default="pdf,png,svg", show_default=True, help="Comma-separated file formats.")
 @click.option("--layer", default=None, help="Layer of the maps and heat map (default: the last embedded layer).")
-@click.option("--neuron", "-n", default=None, help="Unit of the neighbour figure (default: the most interpretable unit).")
+@click.option("--neuron", "-n", default=None, help="Unit of the neighbour figure (default: an interpretable unit whose masks show).")
 @click.option("--dpi", default=300, show_default=True, type=click.IntRange(min=1), help="Resolution of the PNG files.")
 def figures(run: str | None, formats: str, layer: str | None, neuron: str | None, dpi: int) -> None:
     """Draw the paper's figures for a run into RUN/figures (PDF, PNG at 300 dpi, SVG).

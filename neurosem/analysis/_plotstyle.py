@@ -5,8 +5,9 @@ dissection summary look alike in a paper:
 
 - figures are built on the Agg canvas without pyplot (:func:`new_figure`), so nothing depends on
   the interactive backend and no figure leaks into pyplot's global list;
-- seaborn's ``"paper"`` context and ``"ticks"`` style, applied with :func:`plot_style` (an
-  ``rc_context``: nothing global changes);
+- one look, applied with :func:`plot_style` (an ``rc_context``: nothing global changes): white
+  axes with outward ticks and paper-sized fonts (the values of seaborn's ``"ticks"`` style and
+  ``"paper"`` context, written out here so that seaborn is not needed);
 - :func:`save_figure` writes PDF (TrueType fonts, ``pdf.fonttype`` 42), PNG (300 dpi by default)
   and SVG (text kept as text, ``svg.fonttype`` ``"none"``), with the dates stripped so reruns give
   the same files.
@@ -58,25 +59,48 @@ _METADATA: dict[str, dict[str, Any]] = {
 }
 
 
-def style_rc(context: str = "paper", style: str = "ticks", font_scale: float = 1.0) -> dict[str, Any]:
-    """The rcParams of a neurosem figure: seaborn ``context``/``style`` plus the save settings."""
-    import seaborn as sns
+# The look of every figure: white axes, dark-grey text, outward ticks (seaborn's "ticks" style) at
+# paper sizes (seaborn's "paper" context: 0.8 x the notebook sizes).
+_STYLE_RC: dict[str, Any] = {
+    "figure.facecolor": "white", "axes.facecolor": "white", "axes.edgecolor": ".15",
+    "axes.labelcolor": ".15", "text.color": ".15", "xtick.color": ".15", "ytick.color": ".15",
+    "axes.grid": False, "grid.color": ".8", "grid.linestyle": "-", "axes.axisbelow": True,
+    "xtick.direction": "out", "ytick.direction": "out", "xtick.top": False, "ytick.right": False,
+    "xtick.bottom": True, "ytick.left": True,
+    "font.family": ["sans-serif"],
+    "font.sans-serif": ["Arial", "DejaVu Sans", "Liberation Sans", "Bitstream Vera Sans", "sans-serif"],
+    "lines.solid_capstyle": "round", "patch.edgecolor": "w", "patch.force_edgecolor": True,
+    "axes.linewidth": 1.0, "grid.linewidth": 0.8, "lines.linewidth": 1.2, "lines.markersize": 4.8,
+    "patch.linewidth": 0.8, "xtick.major.width": 1.0, "ytick.major.width": 1.0,
+    "xtick.minor.width": 0.8, "ytick.minor.width": 0.8, "xtick.major.size": 4.8,
+    "ytick.major.size": 4.8, "xtick.minor.size": 3.2, "ytick.minor.size": 3.2,
+}
+# Font sizes in points at font_scale 1.
+_FONT_RC: dict[str, float] = {
+    "font.size": 9.6, "axes.labelsize": 9.6, "axes.titlesize": 9.6, "xtick.labelsize": 8.8,
+    "ytick.labelsize": 8.8, "legend.fontsize": 8.8, "legend.title_fontsize": 9.6,
+}
 
-    rc: dict[str, Any] = {}
-    rc.update(sns.axes_style(style))
-    rc.update(sns.plotting_context(context, font_scale=font_scale))
+#: Colour-blind-safe colours (seaborn's ``"colorblind"`` palette, in its order).
+COLORBLIND: tuple[str, ...] = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc",
+                               "#ca9161", "#fbafe4", "#949494", "#ece133", "#56b4e9")
+
+
+def style_rc(font_scale: float = 1.0) -> dict[str, Any]:
+    """The rcParams of a neurosem figure (fonts times ``font_scale``) plus the save settings."""
+    rc: dict[str, Any] = dict(_STYLE_RC)
+    rc.update({k: v * float(font_scale) for k, v in _FONT_RC.items()})
     rc.update(_SAVE_RC)
-    rc.update({"figure.dpi": 100, "savefig.bbox": "tight", "savefig.pad_inches": 0.02,
-               "axes.titlesize": rc.get("axes.labelsize", 9.6)})
+    rc.update({"figure.dpi": 100, "savefig.bbox": "tight", "savefig.pad_inches": 0.02})
     return rc
 
 
 @contextlib.contextmanager
-def plot_style(context: str = "paper", style: str = "ticks", font_scale: float = 1.0) -> Iterator[None]:
-    """Context manager: seaborn paper context and neurosem's save settings, restored on exit."""
+def plot_style(font_scale: float = 1.0) -> Iterator[None]:
+    """Context manager: neurosem's figure look and save settings, restored on exit."""
     import matplotlib
 
-    with matplotlib.rc_context(style_rc(context, style, font_scale)):
+    with matplotlib.rc_context(style_rc(font_scale)):
         yield
 
 
@@ -164,17 +188,25 @@ def light_mask_cmap(color: str = "#ff3b30") -> Any:
 
 
 def category_palette(categories: Sequence[str]) -> dict[str, Any]:
-    """A fixed colour per dissection category (the six Broden categories keep their colours)."""
-    import seaborn as sns
+    """A fixed colour per dissection category (the six Broden categories keep their colours:
+    :data:`COLORBLIND` 0..5); other categories take the remaining colour-blind colours, then
+    evenly spaced hues. Colours are RGB tuples in [0, 1].
+
+    Example:
+        >>> category_palette(["color", "object"])["object"]
+        (0.00392156862745098, 0.45098039215686275, 0.6980392156862745)
+    """
+    from matplotlib.colors import hsv_to_rgb, to_rgb
 
     known = ["object", "part", "scene", "material", "texture", "color"]
-    base = sns.color_palette("colorblind", 10)
+    new = [c for c in dict.fromkeys(categories) if c not in known]
+    spare = [to_rgb(c) for c in COLORBLIND[len(known):]]
+    n_hues = max(0, len(new) - len(spare))
+    hues = [tuple(float(v) for v in hsv_to_rgb((k / n_hues, 0.65, 0.8))) for k in range(n_hues)]
+    extra = iter(spare + hues)
     pal: dict[str, Any] = {}
-    extra = iter(base[len(known):] + sns.color_palette("husl", max(1, len(categories))))
-    for cat in categories:
-        if cat in pal:
-            continue
-        pal[cat] = base[known.index(cat)] if cat in known else next(extra)
+    for cat in dict.fromkeys(categories):
+        pal[cat] = to_rgb(COLORBLIND[known.index(cat)]) if cat in known else next(extra)
     return pal
 
 

@@ -5,25 +5,26 @@
 - ``additive``: two units, the unit nearest to the sum of their vectors, and their masks (Fig. 3);
 - ``kl_curves``: the KL curves of :mod:`neurosem.analysis.kl` (Fig. 4), one panel per layer;
 - ``semantic_map``: a 2-D map of a layer's semantic vectors (PCA; t-SNE from 50 units), coloured by
-  dissection category, the most interpretable units labelled;
-- ``similarity_heatmap``: the cosine matrix of a layer's vectors, ordered by hierarchical clustering.
+  dissection category, a readable subset of the most interpretable units labelled (:mod:`.maps`);
+- ``similarity_heatmap``: the cosine matrix of a layer's vectors, ordered by hierarchical
+  clustering (:mod:`.maps`).
 
-Masks: each unit's map is upsampled bilinearly (``align_corners=False``, as the dissection) to the
-image size; the mask is where it exceeds the unit's dissection threshold (without a dissection:
-half the unit's largest value over the images shown). The images come from the dataset recorded in
-the run (``activations.h5`` provenance, opened with ``neurosem.data.open_image_dataset``); when they
-cannot be read the maps are drawn alone and a note says so.
+Masks are the dissection's own (:mod:`neurosem.analysis.masks`): computed at the dissection's label
+size with its thresholds by the function the tally uses, and only resized (nearest) for display.
+The images come from the dataset recorded in the run; when they cannot be read the maps are drawn
+alone and a note says so.
 
-Every figure builder returns a matplotlib ``Figure`` (nothing saved), so its numbers can be checked;
-:func:`make_figures` saves them with :func:`neurosem.analysis._plotstyle.save_figure` and lists what
-it drew in ``figures/figures.json``.
+This module depends on :mod:`.kl`, :mod:`.query`, :mod:`.masks`, :mod:`.maps` and :mod:`.defaults`
+(the default units), never the reverse; the commands that write a figure on the way (``neurosem
+kl``, ``neurosem query --figure``) are in :mod:`.commands`. Every figure builder returns a matplotlib ``Figure`` (nothing saved), so its numbers
+can be checked; :func:`make_figures` saves them with :func:`neurosem.analysis._plotstyle.save_figure`
+and lists what it drew in ``figures/figures.json``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -31,195 +32,54 @@ import numpy as np
 
 from neurosem.analysis._plotstyle import (DEFAULT_DPI, DEFAULT_FORMATS, category_palette, check_formats,
                                           hide_ticks, new_figure, plot_style, save_figure)
+from neurosem.analysis.defaults import check_layer, choose_unit, default_pair, default_unit
+from neurosem.analysis.maps import semantic_map_figure, similarity_heatmap_figure
+from neurosem.analysis.masks import (Panels, display_mask, mask_panels, open_store, top_images, top_rows,
+                                     unit_maxima, upsample)
 from neurosem.errors import NeurosemError
 from neurosem.ids import NeuronId
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from neurosem.run import RunDir
+__all__ = ["Panels", "additive_figure", "default_pair", "default_unit", "kl_figure", "make_figures",
+           "mask_panels", "neighbours_figure", "query_figure", "semantic_map_figure",
+           "similarity_heatmap_figure", "top_images", "top_rows", "unit_maxima", "upsample"]
 
 log = logging.getLogger("neurosem")
 
-MASK_COLOR = (1.0, 0.93, 0.55)     # a light yellow fill ...
-MASK_EDGE = (0.72, 0.53, 0.04)     # ... with a dark-gold outline, visible on light and dark images
-MASK_ALPHA = 0.6
-NONE_CATEGORY = "not interpretable"
+MASK_COLOR = (1.0, 1.0, 1.0)       # a light (white) fill ...
+MASK_EDGE = (0.05, 0.05, 0.05)     # ... with a dark outline over a white halo: visible on any image
+MASK_ALPHA = 0.55
+#: Text of a panel whose mask is empty (the unit does not exceed its threshold on that image).
+EMPTY_MASK_TEXT = "below threshold"
 
 
-# ------------------------------------------------------------------------------ activation maps
-@dataclass
-class Panels:
-    """What a mask figure shows: per unit and image the upsampled map and its mask.
-
-    ``maps: [U, I, H, W]`` float32, ``masks: [U, I, H, W]`` bool, ``images: [I, H, W, 3]`` in [0, 1]
-    or ``None`` (maps drawn alone), ``rows``: the store rows of the images, ``ids``: their ids.
-    """
-
-    units: list[NeuronId]
-    rows: list[int]
-    ids: list[str]
-    maps: np.ndarray
-    masks: np.ndarray
-    images: np.ndarray | None
-    note: str | None = None
-    thresholds: list[float] = field(default_factory=list)
-
-
-def _open_store(rd: "RunDir") -> Any:
-    from neurosem.store import ActivationStore
-
-    if not rd.activations.exists():
-        raise NeurosemError(
-            f"the mask figures need the activations and {rd.path} has none (activations.h5 is missing): "
-            f"run `neurosem record MODEL --data PATH --run {rd.path}` first")
-    return ActivationStore.open(rd.activations)
-
-
-def unit_maxima(store: Any, layer: str, units: Sequence[int], batch_size: int = 256,
-                with_means: bool = False) -> "np.ndarray | tuple[np.ndarray, np.ndarray]":
-    """Largest activation of each unit in each image: ``[n_done, len(units)]`` float32 (streamed).
-
-    With ``with_means``, also the mean activation (same shape), which orders images of equal maxima.
-    """
-    out = np.empty((store.n_done, len(units)), dtype=np.float32)
-    means = np.empty((store.n_done, len(units)), dtype=np.float32)
-    idx = list(units)
-    for start, batch in store.iter_batches([layer], batch_size=batch_size):
-        acts = batch[layer][:, idx].reshape(len(batch[layer]), len(idx), -1)
-        out[start:start + len(acts)] = acts.max(axis=2)
-        means[start:start + len(acts)] = acts.astype(np.float32).mean(axis=2)
-    return (out, means) if with_means else out
-
-
-def top_images(store: Any, layer: str, unit: int, n: int) -> list[int]:
-    """Store rows of the ``n`` images where ``unit`` reaches its largest activations.
-
-    Equal maxima (a saturated unit) are ordered by the mean activation, then by the lower row,
-    as in the dissection report.
-    """
-    peak, mean = unit_maxima(store, layer, [unit], with_means=True)
-    return top_rows(peak[:, 0], n, tie=mean[:, 0])
-
-
-def top_rows(score: np.ndarray, n: int, tie: "np.ndarray | None" = None) -> list[int]:
-    """Indices of the ``n`` largest scores; ties broken by the larger ``tie`` value, then the lower index."""
-    score = np.asarray(score, dtype=np.float64)
-    rows = np.arange(len(score))
-    keys = (rows, -score) if tie is None else (rows, -np.asarray(tie, dtype=np.float64), -score)
-    return [int(i) for i in np.lexsort(keys)[:n]]
-
-
-def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling (``align_corners=False``) of ``maps: [..., h, w]`` to ``[..., H, W]`` float32."""
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.as_tensor(np.ascontiguousarray(maps, dtype=np.float32))
-    lead = x.shape[:-2]
-    x = x.reshape(-1, 1, *x.shape[-2:])
-    y = F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
-    return y.reshape(*lead, *y.shape[-2:]).numpy()
-
-
-def dataset_spec(rd: "RunDir", store: Any) -> str | None:
-    """The data spec the activations were recorded from (``provenance["data"]`` of activations.h5,
-    else ``run.json["record"]["data"]``), or None (e.g. a Dataset object, recorded as ``<Class>``)."""
-    prov = getattr(store, "provenance", None) or {}
-    record_meta = rd.read_meta().get("record", {}) if rd.meta_file.exists() else {}
-    for source in (prov, record_meta if isinstance(record_meta, dict) else {}):
-        value = source.get("data")
-        if isinstance(value, str) and value and not value.startswith("<"):
-            return value
-    return None
-
-
-def load_images(rd: "RunDir", store: Any, rows: Sequence[int]) -> tuple[np.ndarray | None, str | None]:
-    """The images of store ``rows`` as ``[I, H, W, 3]`` in [0, 1], or ``(None, why)`` when unavailable.
-
-    The dataset is the one recorded in the run; it must still have the recorded fingerprint and
-    each image the recorded id.
-    """
-    spec = dataset_spec(rd, store)
-    if spec is None:
-        return None, "the run does not record where its images are"
-    try:
-        from neurosem.data import dataset_fingerprint, open_image_dataset
-
-        recorded = (getattr(store, "provenance", None) or {}).get("data_fingerprint")
-        if recorded and str(dataset_fingerprint(spec)) != str(recorded):
-            return None, f"{spec} changed since the activations were recorded"
-        ds = open_image_dataset(spec)
-        ids = store.image_ids
-        images = []
-        for r in rows:
-            item = ds[int(r)]
-            if "id" in item and str(item["id"]) != ids[r]:
-                return None, f"image {r} of {spec} is {item['id']!r}, the run recorded {ids[r]!r}"
-            img = np.asarray(item["image"], dtype=np.float32)
-            images.append(np.clip(np.transpose(img, (1, 2, 0)), 0.0, 1.0))
-    except (NeurosemError, OSError, ImportError, IndexError, KeyError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return None, f"the images of {spec} cannot be read: {first}"
-    if len({im.shape for im in images}) > 1:
-        return None, "the images have different sizes"
-    return np.stack(images), None
-
-
-def mask_panels(rd: "RunDir", units: Sequence[NeuronId], image_unit: NeuronId, n_images: int = 4,
-                store: Any = None, rows: Sequence[int] | None = None) -> Panels:
-    """Maps and masks of ``units`` on the ``n_images`` images where ``image_unit`` activates most
-    (``rows``: those store rows, when already known)."""
-    from neurosem.analysis.query import load_run_dissection
-
-    own = store is None
-    store = _open_store(rd) if own else store
-    try:
-        layer = image_unit.layer
-        rows = list(rows) if rows is not None else top_images(store, layer, image_unit.index, n_images)
-        ids = [store.image_ids[r] for r in rows]
-        raw = np.stack([store.read(layer, r, r + 1)[0, [u.index for u in units]] for r in rows], axis=1)
-        raw = raw.astype(np.float32)                                   # [U, I, h, w]
-        images, why = load_images(rd, store, rows)
-    finally:
-        if own:
-            store.close()
-    if images is not None:
-        size = images.shape[1:3]
-    else:
-        h, w = raw.shape[-2:]
-        scale = max(1, math.ceil(112 / max(h, w)))
-        size = (h * scale, w * scale)
-    maps = upsample(raw, size)
-    dissection = load_run_dissection(rd)
-    if dissection is not None and layer in dissection.layers:
-        thr_all = np.asarray(dissection.threshold(layer), dtype=np.float32)
-        thresholds = [float(thr_all[u.index]) for u in units]
-    else:
-        thresholds = [0.5 * float(raw[i].max()) for i in range(len(units))]
-    masks = np.stack([maps[i] > thresholds[i] for i in range(len(units))])
-    note = None
-    if images is None:
-        note = f"images unavailable ({why}): activation maps shown alone"
-        log.warning("note: %s", note)
-    return Panels(list(units), rows, ids, maps, masks, images, note, thresholds)
-
-
+# ------------------------------------------------------------------------------ mask panels
 def _draw_panel(ax: Any, panels: Panels, u: int, i: int) -> None:
-    """One image with the unit's light mask, or the map alone (with the mask outline)."""
+    """One image with the unit's light mask (the dissection's mask, resized by nearest neighbour to
+    the image), or the map alone with the mask's outline; an empty mask is written on the panel."""
     mask = panels.masks[u, i]
     if panels.images is not None:
         ax.imshow(panels.images[i], interpolation="nearest")
-        overlay = np.zeros((*mask.shape, 4), dtype=np.float32)
+        shown = display_mask(mask, panels.images.shape[1:3])
+        overlay = np.zeros((*shown.shape, 4), dtype=np.float32)
         overlay[..., :3] = MASK_COLOR
-        overlay[..., 3] = np.where(mask, MASK_ALPHA, 0.0)
+        overlay[..., 3] = np.where(shown, MASK_ALPHA, 0.0)
         ax.imshow(overlay, interpolation="nearest")
+        edge = MASK_EDGE
     else:
+        shown = mask
         vmax = float(panels.maps[u].max()) or 1.0
         ax.imshow(panels.maps[u, i], cmap="magma", vmin=0.0, vmax=vmax, interpolation="nearest")
-    if mask.any() and not mask.all():
-        ax.contour(mask.astype(np.float32), levels=[0.5], colors=[MASK_EDGE if panels.images is not None
-                                                                  else MASK_COLOR], linewidths=0.7)
+        edge = MASK_COLOR
+    if shown.any() and not shown.all():
+        halo = (1.0, 1.0, 1.0) if edge == MASK_EDGE else (0.0, 0.0, 0.0)
+        ax.contour(shown.astype(np.float32), levels=[0.5], colors=[halo], linewidths=1.6)
+        ax.contour(shown.astype(np.float32), levels=[0.5], colors=[edge], linewidths=0.7)
+    if not mask.any():
+        ax.text(0.5, 0.04, EMPTY_MASK_TEXT, transform=ax.transAxes, ha="center", va="bottom", fontsize=5,
+                color="0.1", bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8})
     hide_ticks(ax)
 
 
@@ -229,22 +89,53 @@ def _unit_text(nid: NeuronId, dissection: Any) -> str:
     info = unit_info(dissection, nid.layer, nid.index)
     if not info:
         return str(nid)
-    return f"{nid}\n{info['label']} ({info['category']}, IoU {info['iou']:.3f})"
+    kind = "" if info["interpretable"] else ", not interpretable"
+    return f"{nid}\n{info['label']} ({info['category']}, IoU {info['iou']:.3f}{kind})"
 
 
-def _mask_grid(panels: Panels, row_titles: Sequence[str], suptitle: str) -> "Figure":
+def mask_caption(panels: Panels) -> str:
+    """What the light masks are, for the foot of a mask figure."""
+    if panels.rule == "dissection":
+        sh, sw = panels.masks.shape[-2:]
+        text = (f"Light mask: the dissection's mask, where the unit's map upsampled to the {sh}×{sw} "
+                f"label grid exceeds the unit's dissection threshold; \"{EMPTY_MASK_TEXT}\": the mask is empty.")
+    else:
+        text = "Light mask: where the unit's map exceeds half its largest value over these images."
+    if panels.images is None:
+        text += "\nImages unavailable (the reason is in figures.json): the activation maps are shown, the mask outlined."
+    return text
+
+
+def _mask_grid(panels: Panels, row_titles: Sequence[str], suptitle: str, panel_in: float = 1.3) -> "Figure":
+    """Units in rows, images in columns; panels ``panel_in`` inches wide, row titles above each row."""
     n_units, n_img = len(panels.units), len(panels.rows)
+    shape = panels.images.shape[1:3] if panels.images is not None else panels.masks.shape[-2:]
+    pw, ph = panel_in, panel_in * shape[0] / shape[1]
+    lines = [t.count("\n") + 1 for t in row_titles]
+    # inches: the row titles (7 pt lines); the suptitle and the first row's title; the ids and the caption
+    gap, top, bottom = 0.12 * max(lines[1:] or [1]) + 0.1, 0.3 + 0.12 * lines[0], 0.6
+    width = (n_img + 0.05 * (n_img - 1)) * pw / 0.96
+    height = n_units * ph + (n_units - 1) * gap + top + bottom
     with plot_style():
-        fig, axes = new_figure(n_units, n_img, figsize=(1.55 * n_img + 0.4, 1.55 * n_units + 0.5), squeeze=False)
+        fig, axes = new_figure(n_units, n_img, figsize=(width, height), squeeze=False)
         for u in range(n_units):
             for i in range(n_img):
                 _draw_panel(axes[u, i], panels, u, i)
             axes[u, 0].set_title(row_titles[u], loc="left", fontsize=7)
         for i in range(n_img):
             axes[-1, i].set_xlabel(_short_id(panels.ids[i]), fontsize=6)
-        fig.suptitle(suptitle, fontsize=8)
-        fig.subplots_adjust(wspace=0.05, hspace=0.55)
+        fig.suptitle(suptitle, fontsize=8, y=1 - 0.05 / height, va="top")
+        fig.subplots_adjust(left=0.02, right=0.98, wspace=0.05, hspace=gap / ph, bottom=bottom / height,
+                            top=1 - top / height)
+        fig.text(0.02, 0.01, mask_caption(panels), fontsize=5.5, ha="left", va="bottom", wrap=True)
     return fig
+
+
+def _mask_info(panels: Panels) -> dict[str, Any]:
+    """What the mask panels show, for figures.json: mask pixels ``[U][I]``, thresholds, the rule."""
+    return {"mask_pixels": panels.masks.reshape(*panels.masks.shape[:2], -1).sum(axis=2).tolist(),
+            "mask_size": list(panels.masks.shape[-2:]), "mask_rule": panels.rule,
+            "thresholds": panels.thresholds}
 
 
 def _short_id(image_id: str, width: int = 22) -> str:
@@ -258,7 +149,9 @@ def neighbours_figure(run: Any, unit: "NeuronId | str", n_neighbours: int = 3, n
     """Paper Fig. 2: ``unit`` and its ``n_neighbours`` most similar units, masks over the same images.
 
     The images are those where ``unit`` activates most (``rows``: their store rows, when known).
-    Row titles carry the unit ids and cosines.
+    Row titles carry the unit ids and cosines. ``fig.neurosem_info["image_unit"]`` is the row of the
+    unit whose top images are shown (its masks are never empty there unless the unit never exceeds
+    its threshold).
     """
     from neurosem.analysis.query import _as_id, load_run_dissection, query, run_dir
 
@@ -272,7 +165,7 @@ def neighbours_figure(run: Any, unit: "NeuronId | str", n_neighbours: int = 3, n
     titles += [_unit_text(NeuronId(r["layer"], r["index"]), dis) + f"\ncos {r['similarity']:.3f}" for r in results]
     fig = _mask_grid(panels, titles, f"{nid} and its {len(results)} most similar units (semantic-vector cosine)")
     fig.neurosem_info = {"units": [str(u) for u in units], "similarities": [r["similarity"] for r in results],
-                         "images": panels.ids, "note": panels.note}
+                         "images": panels.ids, "note": panels.note, "image_unit": 0, **_mask_info(panels)}
     return fig
 
 
@@ -300,17 +193,36 @@ def additive_figure(run: Any, neuron: "NeuronId | str", add: Sequence["NeuronId 
     expr = " + ".join([str(q), *map(str, adds)]) + "".join(f" − {b}" for b in subs)
     fig = _mask_grid(panels, titles, f"{expr} → nearest unit {target}")
     fig.neurosem_info = {"units": [str(u) for u in units], "target": str(target),
-                         "similarity": best[0]["similarity"], "images": panels.ids, "note": panels.note}
+                         "similarity": best[0]["similarity"], "images": panels.ids, "note": panels.note,
+                         "image_unit": len(units) - 1, **_mask_info(panels)}
     return fig
 
 
 # ------------------------------------------------------------------------------ Fig. 4
+def _upper_bound(lay: dict[str, Any]) -> float:
+    return float(lay["upper_bound"]["kl"] if isinstance(lay["upper_bound"], dict) else lay["upper_bound"])
+
+
+def kl_note(result: dict[str, Any], panels: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """The key to the KL figure's lines; says why an upper bound at 0 is one."""
+    n_random = (result.get("settings") or {}).get("n_random")
+    seeds = f" over {n_random} seeds" if n_random else ""
+    text = (f"Lower is better. random init: the KL of random vectors (mean ± std{seeds}). "
+            "upper bound: the KL of vectors of the same size optimised directly on this KL "
+            "(the best an embedding was found to reach)")
+    if all(_upper_bound(lay) < 5e-5 for _, lay in panels):
+        text += ("; it is 0 here: vectors of this size can reproduce the IoU similarities exactly, "
+                 "so its line lies at KL = 0")
+    return text + "."
+
+
 def kl_figure(result: dict[str, Any], layers: Sequence[str] | None = None) -> "Figure":
     """Paper Fig. 4: KL against training progress; per panel the embedding's curve, the random baseline
     (mean ± std over seeds) and the upper bound. ``result`` is :func:`neurosem.analysis.kl.kl_curves`'s.
 
     Lines carry the labels ``embedding``, ``random init`` and ``upper bound``; their y-data are the
-    numbers of ``result`` (the baseline and bound as flat lines over the snapshot range).
+    numbers of ``result`` (the baseline and bound as flat lines over the snapshot range). The grid has
+    no empty axes: the legend and the key (:func:`kl_note`) fill a free grid slot, or sit below.
     """
     from neurosem.analysis.kl import curves_for_plot
 
@@ -323,220 +235,48 @@ def kl_figure(result: dict[str, Any], layers: Sequence[str] | None = None) -> "F
     log_x = positive.size > 1 and positive.max() / positive.min() >= 50
     ncols = min(len(panels), 3)
     nrows = math.ceil(len(panels) / ncols)
+    free = nrows * ncols - len(panels)
     with plot_style():
-        fig, axes = new_figure(nrows, ncols, figsize=(2.6 * ncols, 2.1 * nrows), squeeze=False)
+        height = 2.1 * nrows + (0 if free else 0.9)
+        fig, axes = new_figure(nrows, ncols, figsize=(2.6 * ncols, height), squeeze=False)
         pal = category_palette(["object", "part", "scene"])
         colors = {"embedding": pal["object"], "random init": pal["part"], "upper bound": pal["scene"]}
-        for ax in axes.flat[len(panels):]:
-            ax.set_visible(False)
         for ax, (name, lay) in zip(axes.flat, panels):
-            ub = lay["upper_bound"]["kl"] if isinstance(lay["upper_bound"], dict) else lay["upper_bound"]
+            ub = _upper_bound(lay)
             rmean, rstd = lay["random"]["mean"], lay["random"]["std"]
             ax.plot(steps, lay["embedding"], marker="o", markersize=2.5, lw=1.2, color=colors["embedding"],
                     label="embedding")
             ax.fill_between(x_ends, [rmean - rstd] * 2, [rmean + rstd] * 2, color=colors["random init"],
                             alpha=0.18, lw=0)
             ax.plot(x_ends, [rmean, rmean], ls="--", lw=1.0, color=colors["random init"], label="random init")
-            ax.plot(x_ends, [ub, ub], ls=":", lw=1.2, color=colors["upper bound"], label="upper bound")
+            ax.plot(x_ends, [ub, ub], ls=":", lw=1.4, color=colors["upper bound"], label="upper bound",
+                    clip_on=False)
             if log_x:
                 ax.set_xscale("symlog", linthresh=1.0)
+            low, high = ax.get_ylim()
+            ax.set_ylim(bottom=min(0.0, ub) - 0.05 * (high - min(0.0, ub)))   # a bound at 0 stays visible
             ax.set_title("mean over layers" if name == "mean" else name)
             ax.set_xlabel({"step": "optimiser step"}.get(result.get("step_unit"), result.get("step_unit", "step")))
             ax.set_ylabel("KL (nats)")
-        axes.flat[0].legend(frameon=False, fontsize=6)
-        fig.tight_layout()
-    return fig
-
-
-# ------------------------------------------------------------------------------ map and heat map
-def _unit_categories(dis: Any, layer: str, n_units: int) -> tuple[list[str], np.ndarray]:
-    """Category per unit (``not interpretable`` below the IoU threshold) and best IoU ``[C]``."""
-    from neurosem.analysis.query import unit_info
-
-    if dis is None or layer not in dis.layers:
-        return [NONE_CATEGORY] * n_units, np.zeros(n_units)
-    infos = [unit_info(dis, layer, u) for u in range(n_units)]
-    cats = [i["category"] if i["interpretable"] else NONE_CATEGORY for i in infos]
-    return cats, np.array([i["iou"] for i in infos])
-
-
-def embed_2d(S: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
-    """2-D coordinates of the rows of ``S: [C, K]`` (unit-normalised): PCA, or t-SNE from 50 rows."""
-    X = np.asarray(S, dtype=np.float64)
-    X = X / np.maximum(np.linalg.norm(X, axis=1), 1e-12)[:, None]
-    if method == "auto":
-        method = "tsne" if len(X) >= 50 else "pca"
-    if len(X) < 3 or X.shape[1] < 2:
-        return np.column_stack([X[:, 0], X[:, 1] if X.shape[1] > 1 else np.zeros(len(X))]), "raw"
-    if method == "tsne":
-        from sklearn.manifold import TSNE
-
-        perplexity = float(min(30.0, (len(X) - 1) / 3.0))
-        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
-                  metric="cosine").fit_transform(X)
-        return xy, "t-SNE"
-    from sklearn.decomposition import PCA
-
-    return PCA(n_components=2, random_state=seed).fit_transform(X), "PCA"
-
-
-def semantic_map_figure(run: Any, layer: str | None = None, n_labels: int = 10, method: str = "auto") -> "Figure":
-    """A 2-D map of a layer's semantic vectors coloured by dissection category; the ``n_labels`` most
-    interpretable units are labelled ``index label``."""
-    from neurosem.analysis.query import load_run_dissection, load_run_embedding, run_dir
-
-    rd = run_dir(run)
-    emb = load_run_embedding(rd)
-    layer = _check_layer(rd, emb, layer)
-    S = np.asarray(emb.vectors(layer))
-    dis = load_run_dissection(rd)
-    cats, ious = _unit_categories(dis, layer, len(S))
-    xy, how = embed_2d(S, method)
-    order_cats = sorted(set(cats) - {NONE_CATEGORY}) + ([NONE_CATEGORY] if NONE_CATEGORY in cats else [])
-    pal = category_palette([c for c in order_cats if c != NONE_CATEGORY])
-    pal[NONE_CATEGORY] = (0.72, 0.72, 0.72)
-    with plot_style():
-        fig, ax = new_figure(1, 1, figsize=(4.2, 3.6))
-        for cat in order_cats:
-            sel = np.array([c == cat for c in cats])
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=9 if cat != NONE_CATEGORY else 6, color=pal[cat],
-                       label=f"{cat} ({int(sel.sum())})", lw=0, alpha=0.9, zorder=3 if cat != NONE_CATEGORY else 2)
-        labelled = []
-        if dis is not None and layer in dis.layers:
-            ranked = np.lexsort((np.arange(len(ious)), -ious))
-            for u in [int(u) for u in ranked[:n_labels] if cats[int(u)] != NONE_CATEGORY]:
-                label = dis.unit_label(layer, u)[0]
-                ax.annotate(f"{u} {label}", xy[u], fontsize=5, xytext=(2, 2), textcoords="offset points")
-                labelled.append(u)
-        ax.set_title(f"{layer}: semantic vectors ({how}, {len(S)} units)")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.legend(frameon=False, fontsize=6, markerscale=1.5, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.neurosem_info = {"layer": layer, "method": how, "xy": xy, "categories": cats, "labelled": labelled}
-    return fig
-
-
-def cluster_order(S: np.ndarray) -> tuple[np.ndarray, Any]:
-    """Leaf order of average-linkage clustering on cosine distance of the rows of ``S`` (and the linkage)."""
-    from scipy.cluster.hierarchy import leaves_list, linkage
-    from scipy.spatial.distance import squareform
-
-    from neurosem.analysis.kl import cosine_matrix
-
-    if len(S) < 2:
-        return np.arange(len(S)), None
-    D = np.clip(1.0 - cosine_matrix(S), 0.0, 2.0)
-    np.fill_diagonal(D, 0.0)
-    D = (D + D.T) / 2
-    Z = linkage(squareform(D, checks=False), method="average", optimal_ordering=len(S) <= 512)
-    return leaves_list(Z), Z
-
-
-def similarity_heatmap_figure(run: Any, layer: str | None = None) -> "Figure":
-    """The cosine similarity of a layer's semantic vectors, rows and columns in clustering order,
-    with the dendrogram above."""
-    from scipy.cluster.hierarchy import dendrogram
-
-    from neurosem.analysis.kl import cosine_matrix
-    from neurosem.analysis.query import load_run_embedding, run_dir
-
-    rd = run_dir(run)
-    emb = load_run_embedding(rd)
-    layer = _check_layer(rd, emb, layer)
-    S = np.asarray(emb.vectors(layer))
-    order, Z = cluster_order(S)
-    cos = cosine_matrix(S)[np.ix_(order, order)]
-    with plot_style():
-        fig = new_figure(1, 1, figsize=(4.0, 4.4))[0]
-        fig.clear()
-        grid = fig.add_gridspec(2, 2, height_ratios=[1, 5], width_ratios=[20, 1], hspace=0.02, wspace=0.04)
-        ax_d = fig.add_subplot(grid[0, 0])
-        ax = fig.add_subplot(grid[1, 0])
-        cax = fig.add_subplot(grid[1, 1])
-        if Z is not None:
-            dendrogram(Z, ax=ax_d, no_labels=True, color_threshold=0, above_threshold_color="0.35",
-                       link_color_func=lambda _k: "0.35")
-        hide_ticks(ax_d)
-        ax_d.set_title(f"{layer}: cosine of semantic vectors (clustered)")
-        im = ax.imshow(cos, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest", aspect="auto")
-        if len(S) <= 40:
-            ax.set_xticks(range(len(S)), [str(int(u)) for u in order], fontsize=5, rotation=90)
-            ax.set_yticks(range(len(S)), [str(int(u)) for u in order], fontsize=5)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        note = kl_note(result, panels)
+        if free:
+            fig.tight_layout()
+            slot = axes.flat[len(panels)].get_position()
+            for ax in list(axes.flat[len(panels):]):
+                fig.delaxes(ax)
+            x0 = slot.x0 - 0.4 * (slot.x0 - axes.flat[len(panels) - 1].get_position().x1)
+            legend = fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(x0, slot.y1), frameon=False,
+                                fontsize=7)
+            box = legend.get_window_extent(fig.canvas.get_renderer()).transformed(fig.transFigure.inverted())
+            fig.text(x0 + 0.01, box.y0 - 0.02, note, fontsize=6, ha="left", va="top", wrap=True)
         else:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        ax.set_xlabel("unit (clustering order)")
-        fig.colorbar(im, cax=cax)
-    fig.neurosem_info = {"layer": layer, "order": order, "matrix": cos}
+            fig.tight_layout(rect=(0, 0.9 / height, 1, 1))
+            fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.45 / height), ncol=3,
+                       frameon=False, fontsize=7)
+            fig.text(0.02, 0.02, note, fontsize=6, ha="left", va="bottom", wrap=True)
+    fig.neurosem_info = {"panels": [name for name, _ in panels], "note": note}
     return fig
-
-
-# ------------------------------------------------------------------------------ defaults
-def _check_layer(rd: "RunDir", emb: Any, layer: str | None) -> str:
-    if layer is None:
-        return emb.layers[-1]
-    if layer not in emb.layers:
-        raise NeurosemError(f"layer {layer!r} has no embedding in {rd.path} (embedded: {', '.join(emb.layers)})")
-    return layer
-
-
-def default_unit(run: Any, layer: str | None = None) -> NeuronId:
-    """The unit shown by default: the most interpretable unit of ``layer`` (default: the last embedded
-    layer); without a dissection, the unit whose three nearest units are the most similar."""
-    from neurosem.analysis.query import cosine_to_rows, load_run_dissection, load_run_embedding, run_dir
-
-    rd = run_dir(run)
-    emb = load_run_embedding(rd)
-    layer = _check_layer(rd, emb, layer)
-    S = np.asarray(emb.vectors(layer), dtype=np.float64)
-    dis = load_run_dissection(rd)
-    if dis is not None and layer in dis.layers:
-        _, ious = _unit_categories(dis, layer, len(S))
-        return NeuronId(layer, int(np.lexsort((np.arange(len(ious)), -ious))[0]))
-    scores = []
-    for i in range(len(S)):
-        sims = np.delete(cosine_to_rows(S[i], S), i)
-        scores.append(np.sort(sims)[-3:].mean() if sims.size else 0.0)
-    return NeuronId(layer, int(np.argmax(scores)))
-
-
-def default_pair(run: Any, layer: str | None = None, pool: int = 48) -> tuple[NeuronId, NeuronId, NeuronId]:
-    """Two units ``a, b`` and the unit ``c`` nearest to ``s_a + s_b`` for the additive figure.
-
-    Among the ``pool`` most interpretable units (all units without a dissection, capped at ``pool``
-    by index) the pair is chosen whose sum's nearest unit gains most over either operand alone:
-    ``cos(s_a + s_b, s_c) − max(cos(s_a, s_c), cos(s_b, s_c))``; ties by the lower indices.
-    """
-    from neurosem.analysis.kl import cosine_matrix
-    from neurosem.analysis.query import load_run_dissection, load_run_embedding, nearest_units, run_dir
-
-    rd = run_dir(run)
-    emb = load_run_embedding(rd)
-    layer = _check_layer(rd, emb, layer)
-    S = np.asarray(emb.vectors(layer), dtype=np.float64)
-    if len(S) < 3:
-        raise NeurosemError(f"layer {layer} has {len(S)} units: the additive figure needs at least 3")
-    dis = load_run_dissection(rd)
-    if dis is not None and layer in dis.layers:
-        _, ious = _unit_categories(dis, layer, len(S))
-        cand = [int(u) for u in np.lexsort((np.arange(len(ious)), -ious))[:pool]]
-    else:
-        cand = list(range(min(pool, len(S))))
-    cand.sort()
-    cos = cosine_matrix(S)
-    best: tuple[float, int, int, int] | None = None
-    for ia, a in enumerate(cand):
-        for b in cand[ia + 1:]:
-            try:
-                (c, sim), = nearest_units(S, a, add=(b,), k=1)
-            except NeurosemError:          # s_a + s_b = 0: no direction to compare
-                continue
-            gain = sim - max(cos[a, c], cos[b, c])
-            if best is None or gain > best[0] + 1e-12:
-                best = (gain, a, b, c)
-    if best is None:
-        raise NeurosemError(f"no pair of units of {layer} has a non-zero sum: the additive figure needs one")
-    return NeuronId(layer, best[1]), NeuronId(layer, best[2]), NeuronId(layer, best[3])
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -547,7 +287,8 @@ def make_figures(run: Any = None, formats: "Sequence[str] | str" = DEFAULT_FORMA
     Draws ``neighbours`` and ``additive`` (need activations.h5), ``kl_curves`` (needs dissect.h5;
     reuses kl.json when it is up to date, computes it otherwise), ``semantic_map`` and
     ``similarity_heatmap`` of ``layer`` (default: the last embedded layer) around ``unit`` (default:
-    :func:`default_unit`). A figure whose inputs are missing is skipped with a note on stderr.
+    :func:`~neurosem.analysis.defaults.default_unit`; the additive pair:
+    :func:`~neurosem.analysis.defaults.default_pair`). A figure whose inputs are missing is skipped with a note on stderr.
     ``figures/figures.json`` lists what each figure shows.
 
     Example:
@@ -555,7 +296,7 @@ def make_figures(run: Any = None, formats: "Sequence[str] | str" = DEFAULT_FORMA
         [PosixPath('runs/resnet18/figures/neighbours.pdf'), ...]
     """
     from neurosem.analysis.kl import kl_curves, read_kl_json
-    from neurosem.analysis.query import _as_id, check_query_units, load_run_embedding, run_dir
+    from neurosem.analysis.query import _as_id, check_query_units, load_run_dissection, load_run_embedding, run_dir
 
     formats = check_formats(formats)
     rd = run_dir(run)
@@ -564,8 +305,7 @@ def make_figures(run: Any = None, formats: "Sequence[str] | str" = DEFAULT_FORMA
         nid = _as_id(unit)
         check_query_units(rd, emb, [nid])
         layer = nid.layer
-    layer = _check_layer(rd, emb, layer)
-    nid = _as_id(unit) if unit is not None else default_unit(rd, layer)
+    layer = check_layer(rd, emb, layer)
     out_dir = rd.figures
     written: list[Path] = []
     manifest: dict[str, Any] = {}
@@ -577,15 +317,26 @@ def make_figures(run: Any = None, formats: "Sequence[str] | str" = DEFAULT_FORMA
 
     stored: list[str] = []
     if rd.activations.exists():
-        with _open_store(rd) as store:
+        with open_store(rd) as store:
             stored = list(store.layers)
     if layer in stored:
         a, b, c = default_pair(rd, layer)
-        with _open_store(rd) as store:          # one pass over the layer finds both sets of images
-            score, mean = unit_maxima(store, layer, [nid.index, c.index], with_means=True)
-        fig = neighbours_figure(rd, nid, n_images=n_images, rows=top_rows(score[:, 0], n_images, tie=mean[:, 0]))
+        with open_store(rd) as store:
+            dissected = rd.dissection.exists() and layer in (load_run_dissection(rd).layers)
+            if unit is not None:
+                nid, rows = _as_id(unit), None
+            elif dissected:
+                nid, rows = choose_unit(rd, layer, np.asarray(emb.vectors(layer), dtype=np.float64), n_images,
+                                        store=store)
+            else:
+                nid, rows = default_unit(rd, layer), None
+            wanted = ([] if rows is not None else [nid.index]) + [c.index]
+            score, mean = unit_maxima(store, layer, wanted, with_means=True)   # one pass: the images
+            found = [top_rows(score[:, k], n_images, tie=mean[:, k]) for k in range(len(wanted))]
+        nid_rows = rows if rows is not None else found[0]
+        fig = neighbours_figure(rd, nid, n_images=n_images, rows=nid_rows)
         save("neighbours", fig, _jsonable(fig.neurosem_info))
-        fig = additive_figure(rd, a, add=[b], n_images=n_images, rows=top_rows(score[:, 1], n_images, tie=mean[:, 1]))
+        fig = additive_figure(rd, a, add=[b], n_images=n_images, rows=found[-1])
         save("additive", fig, _jsonable(fig.neurosem_info))
     else:
         why = "no activations.h5" if not rd.activations.exists() else f"no activations of {layer} in activations.h5"

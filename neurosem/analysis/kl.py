@@ -431,26 +431,3 @@ def format_kl_table(result: dict[str, Any]) -> str:
     if result.get("skipped_layers"):
         lines.append(f"not dissected (no KL): {', '.join(result['skipped_layers'])}")
     return "\n".join(lines)
-
-
-def kl_report(run: Any = None, layer: str | None = None, as_json: bool = False,
-              formats: Sequence[str] = ("pdf", "png", "svg"), dpi: int = 300, progress: bool = True) -> str:
-    """``neurosem kl``: compute the curves, write kl.json, kl.csv and ``figures/kl_curves.*``.
-
-    Returns the text to print: the table and the written files, or the JSON with ``as_json``.
-
-    Example:
-        >>> print(kl_report("runs/resnet18"))     # doctest: +SKIP
-    """
-    from neurosem.analysis.figures import kl_figure
-    from neurosem.analysis._plotstyle import save_figure
-    from neurosem.analysis.query import run_dir
-
-    rd = run_dir(run)
-    result = kl_curves(rd, progress=progress)
-    fig = kl_figure(result, layers=[layer] if layer else None)
-    paths = save_figure(fig, rd.figures / "kl_curves", formats, dpi=dpi)
-    if as_json:
-        return json.dumps(result, indent=2)
-    files = [rd.path / "kl.json", rd.path / "kl.csv", *paths]
-    return format_kl_table(result) + "\nwrote: " + ", ".join(str(p) for p in files)

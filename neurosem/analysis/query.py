@@ -17,7 +17,6 @@ Example:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -228,42 +227,3 @@ def format_table(results: Sequence[dict[str, Any]], title: str | None = None) ->
     if not rows:
         lines.append("(no other unit in this layer)")
     return "\n".join(lines)
-
-
-def query_report(run: "RunDir | str | Path | None", neuron: str, add: Sequence[str] = (), sub: Sequence[str] = (),
-                 k: int = 5, as_json: bool = False, figure: "str | Path | None" = None) -> str:
-    """``neurosem query``: the table (or JSON with ``as_json``), and the figure when ``figure`` is a path.
-
-    Example:
-        >>> print(query_report("runs/resnet18", "layer4:312", k=3))   # doctest: +SKIP
-    """
-    q, adds, subs = parse_query(neuron, add, sub)
-    rd = run_dir(run)
-    results = query(rd, q, adds, subs, k=k)
-    dissection = load_run_dissection(rd)
-    operands = [{"neuron": str(n), "role": role, **unit_info(dissection, n.layer, n.index)}
-                for role, group in (("query", [q]), ("add", adds), ("sub", subs)) for n in group]
-    written: list[Path] = []
-    if figure is not None:
-        from neurosem.analysis.figures import query_figure
-
-        written = query_figure(rd, q, adds, subs, figure)
-    expr = expression(q, adds, subs)
-    if as_json:
-        payload = {"run": str(rd.path), "expression": expr, "k": k, "operands": operands, "results": results}
-        if written:
-            payload["figure"] = [str(p) for p in written]
-        return json.dumps(payload, indent=2)
-
-    def describe(op: dict[str, Any]) -> str:
-        if "label" in op:
-            return f"{op['neuron']} ({op['label']}, {op['category']}, IoU {op['iou']:.3f})"
-        return op["neuron"]
-
-    title = f"nearest units to {expr} by semantic-vector cosine in {rd.path}"
-    text = format_table(results, title=title)
-    if len(operands) > 1 or "label" in operands[0]:
-        text += "\noperands: " + "; ".join(describe(op) for op in operands)
-    if written:
-        text += "\nfigure: " + ", ".join(str(p) for p in written)
-    return text

@@ -47,8 +47,9 @@ def write_embedding(run: Path, vectors: Mapping[str, np.ndarray], snapshots: Map
 
 def write_dissection(run: Path, iou: Mapping[str, np.ndarray], label_names: Sequence[str],
                      label_categories: Sequence[str], thresholds: Mapping[str, np.ndarray] | None = None,
-                     iou_threshold: float = 0.04) -> Path:
-    """``run/dissect.h5`` with best label = argmax of each IoU row (first on ties)."""
+                     iou_threshold: float = 0.04, label_size: Sequence[int] | None = None) -> Path:
+    """``run/dissect.h5`` with best label = argmax of each IoU row (first on ties); ``label_size``
+    ``(sh, sw)`` goes into ``args`` as the dissection records it."""
     import h5py
 
     run.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,10 @@ def write_dissection(run: Path, iou: Mapping[str, np.ndarray], label_names: Sequ
     with h5py.File(path, "w") as f:
         f.attrs["format"] = "neurosem-dissection"
         f.attrs["version"] = 1
-        f.attrs["args"] = json.dumps({"quantile": 0.005, "iou_threshold": iou_threshold, "layers": list(iou)})
+        args = {"quantile": 0.005, "iou_threshold": iou_threshold, "layers": list(iou)}
+        if label_size is not None:
+            args["label_size"] = [int(s) for s in label_size]
+        f.attrs["args"] = json.dumps(args)
         f.attrs["broden_fingerprint"] = "test"
         f["labels/number"] = np.arange(1, len(label_names) + 1)
         f.create_dataset("labels/name", data=list(label_names), dtype=str_dt)

@@ -262,25 +262,6 @@ def test_kl_unit_count_mismatch_and_missing_layers(tmp_path):
         klmod.kl_curves(run)
 
 
-def test_kl_report_writes_table_json_and_figure(tmp_path):
-    run, *_ = _tiny_run(tmp_path)
-    text = klmod.kl_report(run, formats=("png",), dpi=40)
-    assert "l1" in text and "upper bound" in text and "kl.json" in text
-    # every printed number is kl.json's, rounded as printed
-    saved = json.loads((run / "kl.json").read_text())
-    rows = {line.split()[0]: line.split() for line in text.splitlines()[3:] if line.split()[0] in ("l1", "l2", "mean")}
-    for name, lay in list(saved["layers"].items()) + [("mean", saved["mean"])]:
-        ub = lay["upper_bound"]["kl"] if isinstance(lay["upper_bound"], dict) else lay["upper_bound"]
-        expected = [f"{lay['embedding'][0]:.4f}", f"{lay['embedding'][-1]:.4f}", f"{lay['random']['mean']:.4f}",
-                    "±", f"{lay['random']['std']:.4f}", f"{ub:.4f}"]
-        assert rows[name][1:] == expected, name
-    assert (run / "figures" / "kl_curves.png").exists()
-    out = json.loads(klmod.kl_report(run, layer="l2", as_json=True, formats=("png",), dpi=40))
-    assert out["layers"]["l2"]["embedding"] == json.loads((run / "kl.json").read_text())["layers"]["l2"]["embedding"]
-    with pytest.raises(NeurosemError, match="l1, l2"):
-        klmod.kl_report(run, layer="nope", formats=("png",), dpi=40)
-
-
 def test_read_kl_json_is_stale_after_a_new_embedding(tmp_path):
     run, *_ = _tiny_run(tmp_path)
     klmod.kl_curves(run, n_random=2)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from neurosem.analysis import commands
 from neurosem.analysis import query as qmod
 from neurosem.errors import NeurosemError, RunMismatchError
 
@@ -105,9 +106,9 @@ def test_table_and_json_report(run):
         cells = line.split()
         assert cells[:3] == [str(r["rank"]), r["neuron"], f"{r['similarity']:.4f}"]
         assert cells[3:] == [r["label"], r["category"], f"{r['iou']:.4f}"]
-    text = qmod.query_report(path, "layer4:312", add=["layer4:77"], k=3)
+    text = commands.query_report(path, "layer4:312", add=["layer4:77"], k=3)
     assert "layer4:312 + layer4:77" in text and table in text and "operands:" in text
-    payload = json.loads(qmod.query_report(path, "layer4:312", add=["layer4:77"], k=3, as_json=True))
+    payload = json.loads(commands.query_report(path, "layer4:312", add=["layer4:77"], k=3, as_json=True))
     assert payload["results"] == json.loads(json.dumps(results))
     assert payload["expression"] == "layer4:312 + layer4:77"
     assert [op["neuron"] for op in payload["operands"]] == ["layer4:312", "layer4:77"]
