@@ -357,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:
-        if not getattr(exc, "reported", False):  # record has already said what it saved
+        # record has already said what it saved (click wraps Ctrl-C in Abort)
+        if not any(getattr(e, "reported", False) for e in (exc, exc.__cause__, exc.__context__)):
             click.echo("interrupted: what was computed is saved; run the same command again to resume", err=True)
         sys.exit(130)
     except click.ClickException as exc:

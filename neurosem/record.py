@@ -257,7 +257,9 @@ def _mismatch(path: Path, diffs: list[str], old: Mapping[str, Any], new: Mapping
     same_model = old.get("model") == new.get("model")
     weights_differ = any(d.startswith("weights:") for d in diffs)
     if same_model and weights_differ and old_arg not in ("default", "none") and old_arg != new_arg:
-        hint = f"it was recorded with --weights {old_arg}: pass that to use these activations; "
+        stored = str(old.get("weights", ""))
+        file = _weights_arg(stored) if stored.startswith("file:") else old_arg  # the absolute path
+        hint = f"it was recorded with --weights {file}: pass that to use these activations; "
         tail = "to record the new weights choose another --run (--force would replace these activations)"
     elif (same_model and weights_differ and old_arg == new_arg == "default"
           and str(old.get("weights")).startswith("factory#") and str(new.get("weights")).startswith("factory#")):
