@@ -378,6 +378,11 @@ def _record_locked(job: Job, force: bool, repair: bool) -> Path:
                 print(f"{path}: complete activations with the same arguments exist; reusing them "
                       "(`neurosem record ... --force` records again)", file=sys.stderr)
             return path
+        if start == n_images:  # stopped after the last write, before the completion mark
+            with ActivationStore.append_to(path) as st:
+                st.mark_complete()
+            job.rd.update_meta("record", {**prov, "activations": str(path), "complete": True, "n_done": n_images})
+            return path
         print(f"{path}: resuming at image {start} of {n_images}", file=sys.stderr)
     elif repair:
         print(f"note: {path} does not exist yet, there is nothing to repair; recording it", file=sys.stderr)

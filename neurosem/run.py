@@ -82,7 +82,8 @@ class RunDir:
         Args:
             stage: what holds it (``"record"``), named in the other process's error.
             flock: use ``fcntl.flock`` (default: where available); else an ``O_EXCL`` lock file,
-                removed on exit (a crash leaves it: the error then says to delete it).
+                removed on exit (a crash leaves it: the error then says to delete it). A run
+                directory where the lock file cannot be made (read-only) is not locked.
 
         Example:
             >>> with RunDir(Path("runs/resnet18")).lock("record"):  # doctest: +SKIP
@@ -92,7 +93,13 @@ class RunDir:
         use_flock = fcntl is not None if flock is None else flock
         held = f"{os.getpid()} {stage}\n".encode()
         if use_flock:
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                yield  # a run nobody may write to: nothing to guard (writing there fails by itself)
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:

@@ -444,7 +444,8 @@ class ActivationStore:
         except BaseException as exc:
             self._broken = exc
             if is_disk_full(exc):
-                raise disk_full_error(self.path, 0, f"; all {self.n_images} images are saved") from None
+                raise disk_full_error(self.path, 4096, f"; all {self.n_images} images are saved, the mark "
+                                      "that they are complete is missing") from None
             raise
 
     def chunk_rows(self) -> int:

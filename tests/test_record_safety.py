@@ -253,3 +253,31 @@ def test_ctrl_c_in_the_cli_prints_one_interrupted_line(tmp_path, monkeypatch, ca
     lines = [line for line in capsys.readouterr().err.splitlines() if line]
     assert lines == [f"interrupted: 6 of 12 images are saved in {tmp_path / 'run' / 'activations.h5'}; "
                      "rerun the same command to resume"]
+
+
+def test_a_store_stopped_before_its_completion_mark_is_completed(tmp_path):
+    run = tmp_path / "run"
+    path = record(_tiny(), RandomImages(n=4, size=8), run=run, batch_size=2, progress=False)
+    with h5py.File(path, "r+") as f:  # as left by a kill between the last write and mark_complete()
+        f.attrs.modify("complete", False)
+    with ActivationStore.open(path) as store:
+        assert store.n_done == 4 and not store.complete
+    assert record(_tiny(), RandomImages(n=4, size=8), run=run, batch_size=2, progress=False) == path
+    with ActivationStore.open(path) as store:
+        assert store.complete and store.damaged() == []
+
+
+def test_a_read_only_run_is_reused_without_a_lock(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    path = record(_tiny(), RandomImages(n=4, size=8), run=run, batch_size=2, progress=False)
+    (run / ".neurosem.lock").unlink()
+    real_open = os.open
+
+    def read_only(file, flags, *a):
+        if str(file).endswith(".neurosem.lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, flags, *a)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert record(_tiny(), RandomImages(n=4, size=8), run=run, batch_size=2, progress=False) == path
+    assert not (run / ".neurosem.lock").exists()
