@@ -146,11 +146,13 @@ def layers(model: str, input_size: int | None, weights: str, as_json: bool) -> N
 @click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
 @click.option("--limit", type=int, default=None, help="Record only the first N images.")
 @click.option("--force", is_flag=True, help="Start over even if the run holds other activations.")
+@click.option("--repair", is_flag=True, help="Check the stored images' checksums and record damaged ones again.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of the activations (float32 for values beyond float16's range).")
 @_quiet_option
 def record(model: str, data: str, layers: tuple[str, ...], run: str | None, weights: str, batch_size: int,
-           device: str, workers: int, limit: int | None, force: bool, dtype: str, quiet: bool) -> None:
+           device: str, workers: int, limit: int | None, force: bool, repair: bool, dtype: str,
+           quiet: bool) -> None:
     """Record activations of MODEL on a dataset into RUN/activations.h5.
 
     Broden images are fed at their stored size and normalised for the model. An interrupted run
@@ -164,7 +166,7 @@ def record(model: str, data: str, layers: tuple[str, ...], run: str | None, weig
 
     path = record_activations(model, data, run=run, layers=_split(layers), weights=weights,
                               batch_size=batch_size, device=device, force=force, limit=limit,
-                              num_workers=workers, progress=not quiet, dtype=dtype)
+                              num_workers=workers, progress=not quiet, dtype=dtype, repair=repair)
     click.echo(f"activations: {path}")
 
 
@@ -354,8 +356,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except NeurosemError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("interrupted: what was computed is saved; run the same command again to resume", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        # record has already said what it saved (click wraps Ctrl-C in Abort)
+        if not any(getattr(e, "reported", False) for e in (exc, exc.__cause__, exc.__context__)):
+            click.echo("interrupted: what was computed is saved; run the same command again to resume", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()

@@ -27,3 +27,15 @@ class DataError(NeurosemError):
 
 class RunMismatchError(NeurosemError):
     """A run directory holds outputs made with other arguments."""
+
+
+class RunLockedError(NeurosemError):
+    """Another process is writing the same run directory (e.g. a second ``neurosem record``)."""
+
+
+class StoreDamagedError(NeurosemError):
+    """Stored activations do not match their checksums (the file was changed on disk)."""
+
+
+class DiskFullError(NeurosemError):
+    """The disk has not enough free space for what a command must write."""

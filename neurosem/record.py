@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from neurosem._recording import Job, record_from
+from neurosem._recording import repair as _repair
 from neurosem.errors import DataError, NeurosemError, RunMismatchError
 from neurosem.models import LoadedModel, _first_tensor, check_layers, load_model
 
@@ -249,14 +251,23 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any], allow_layer_subs
     return diffs
 
 
-def _mismatch(path: Path, diffs: list[str]) -> RunMismatchError:
-    hint = ""
-    if any(d.startswith("weights: 'factory#") or d.startswith("weights: factory#") for d in diffs):
+def _mismatch(path: Path, diffs: list[str], old: Mapping[str, Any], new: Mapping[str, Any]) -> RunMismatchError:
+    hint, tail = "", "record again with `neurosem record ... --force` or choose another --run"
+    old_arg, new_arg = str(old.get("weights_arg", "default")), str(new.get("weights_arg", "default"))
+    same_model = old.get("model") == new.get("model")
+    weights_differ = any(d.startswith("weights:") for d in diffs)
+    if same_model and weights_differ and old_arg not in ("default", "none") and old_arg != new_arg:
+        stored = str(old.get("weights", ""))
+        file = _weights_arg(stored) if stored.startswith("file:") else old_arg  # the absolute path
+        hint = f"it was recorded with --weights {file}: pass that to use these activations; "
+        tail = "to record the new weights choose another --run (--force would replace these activations)"
+    elif (same_model and weights_differ and old_arg == new_arg == "default"
+          and str(old.get("weights")).startswith("factory#") and str(new.get("weights")).startswith("factory#")):
         hint = ("the factory built other weights than last time (an unseeded random init?): seed it inside "
                 "the factory or pass --weights FILE; ")
     return RunMismatchError(
         f"{path} was recorded with other arguments ({'; '.join(diffs)}; stored vs requested); "
-        f"{hint}record again with `neurosem record ... --force` or choose another --run")
+        f"{hint}{tail}")
 
 
 def _parse_layers(layers: "str | Sequence[str] | None") -> list[str] | None:
@@ -272,7 +283,7 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
            layers: "Sequence[str] | str | None" = None, weights: str = "default", batch_size: int = 64,
            device: "str | torch.device" = "auto", force: bool = False, limit: int | None = None,
            num_workers: int = 0, progress: bool = True, mean: Sequence[float] | None = None,
-           std: Sequence[float] | None = None, dtype: str = "float16") -> Path:
+           std: Sequence[float] | None = None, dtype: str = "float16", repair: bool = False) -> Path:
     """Record ``layers`` of ``model`` on every image of ``data`` into the run's ``activations.h5``.
 
     Args:
@@ -287,23 +298,25 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
             ImageNet statistics).
         limit: record only the first ``limit`` images.
         force: discard an existing store and start over.
+        repair: check every stored image against its checksum first and record the damaged ones
+            again (in the batches of the original run); then resume or reuse the store as usual.
 
     Returns:
         The path of the complete ``activations.h5``.
 
     An unfinished store made with the same arguments is resumed at ``n_done``; a complete one is
     reused; one made with other arguments raises :class:`RunMismatchError`. Ctrl-C leaves a
-    resumable file.
+    resumable file. The run directory is locked while recording: a second ``record`` of the same
+    run raises :class:`~neurosem.errors.RunLockedError`. A store that would not fit on the disk is
+    refused before anything is written, and a disk that fills up meanwhile keeps what was flushed
+    (:class:`~neurosem.errors.DiskFullError`; the same command resumes).
 
     Example:
         >>> record("resnet18", "data/broden1_224", layers="layer3,layer4")  # doctest: +SKIP
         PosixPath('runs/resnet18/activations.h5')
     """
-    import torch
-
     from neurosem._device import resolve_device
     from neurosem.run import resolve_run
-    from neurosem.store import ActivationStore
 
     if batch_size < 1:
         raise NeurosemError(f"--batch-size must be >= 1, got {batch_size}")
@@ -322,13 +335,24 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
                         else f"--limit {limit} leaves no images to record")
     dev = resolve_device(device)
     rd = resolve_run(run, lm.spec)
-    path = rd.activations
     prov = {"model": lm.spec, "weights": lm.weights,
             "weights_arg": _weights_arg(lm.weights) if isinstance(model, LoadedModel) else str(weights),
             "layers": layers, "data": data_desc, "data_fingerprint": fingerprint,
             "n_images": n_images, "transform": {"mean": list(mean), "std": list(std), "resize": None},
             "dtype": dtype, "batch_size": int(batch_size), "device": str(dev), "versions": _versions()}
 
+    job = Job(lm=lm, ds=ds, layers=layers, mean=mean, std=std, n_images=n_images,  # type: ignore[arg-type]
+              batch_size=int(batch_size), dev=dev, dtype=dtype, num_workers=num_workers, progress=progress,
+              prov=prov, rd=rd)
+    with rd.lock("record"):  # held while the store is checked, created, renamed, written or deleted
+        return _record_locked(job, force=force, repair=repair)
+
+
+def _record_locked(job: Job, force: bool, repair: bool) -> Path:
+    from neurosem.run import check_free_space
+    from neurosem.store import ActivationStore
+
+    path, prov, n_images = job.path, job.prov, job.n_images
     start = 0
     if force:
         for p in (path, path.with_name(path.name + ".tmp")):
@@ -339,90 +363,30 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
             complete = old.complete
             diffs = differences(old.provenance, prov, allow_layer_subset=complete)
             if diffs:
-                raise _mismatch(path, diffs)
+                raise _mismatch(path, diffs, old.provenance, prov)
             start = old.n_done
-            if old.provenance.get("data") != data_desc:
-                print(f"note: the data moved ({old.provenance.get('data')} -> {data_desc}); "
+            if old.provenance.get("data") != prov["data"]:
+                print(f"note: the data moved ({old.provenance.get('data')} -> {prov['data']}); "
                       "its fingerprint is unchanged", file=sys.stderr)
+            if not complete:  # before anything is written: the rest must fit
+                check_free_space(path, old.row_bytes() * (n_images - start),
+                                 f"; {start} of {n_images} images are saved")
+        if repair:
+            _repair(job)
         if complete:
-            print(f"{path}: complete activations with the same arguments exist; reusing them "
-                  "(`neurosem record ... --force` records again)", file=sys.stderr)
+            if not repair:
+                print(f"{path}: complete activations with the same arguments exist; reusing them "
+                      "(`neurosem record ... --force` records again)", file=sys.stderr)
+            return path
+        if start == n_images:  # stopped after the last write, before the completion mark
+            with ActivationStore.append_to(path) as st:
+                st.mark_complete()
+            job.rd.update_meta("record", {**prov, "activations": str(path), "complete": True, "n_done": n_images})
             return path
         print(f"{path}: resuming at image {start} of {n_images}", file=sys.stderr)
-
-    act_dtype = torch.float16 if dtype == "float16" else torch.float32
-    cuda = dev.type == "cuda"
-    net = lm.model
-    loader = torch.utils.data.DataLoader(
-        _Indexed(ds, start, n_images), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=cuda, collate_fn=_collate)
-    store = ActivationStore.append_to(path) if start > 0 else None
-    writer = store.writer() if store is not None else None
-    try:
-        net.to(dev)
-        if cuda:
-            net.to(memory_format=torch.channels_last)
-        mean_t = torch.tensor(mean, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
-        std_t = torch.tensor(std, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
-        from neurosem._progress import progress as bar
-
-        with torch.inference_mode():
-            # One whole forward pass of one image: a module that runs twice (e.g. a ReLU reused inside
-            # a block) is an error here, which stopping after the last layer below could not see.
-            probe = _Indexed(ds, start, n_images)[0][0][None].to(dev).float().sub_(mean_t).div_(std_t)
-            with Recorder(net, layers, to_cpu=False):
-                net(probe)
-        with torch.inference_mode(), Recorder(net, layers, stop_after_last=True, to_cpu=False,
-                                              dtype=act_dtype) as rec:
-            for images, ids in bar(loader, total=len(loader), desc=f"record {lm.spec}",
-                                   enabled=progress, unit="batch"):
-                x = images.to(dev, non_blocking=cuda).float().sub_(mean_t).div_(std_t)
-                if cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                rec.forward(x)
-                outs = rec.outputs
-                if store is None:
-                    shapes = {name: tuple(outs[name].shape[1:]) for name in layers}
-                    rows = 1 << (int(batch_size).bit_length() - 1)  # whole-chunk batch writes
-                    store = ActivationStore.create(path, shapes, n_images, prov, dtype=dtype, max_chunk_rows=rows)
-                    writer = store.writer()
-                else:
-                    _check_shapes(store, outs, path)
-                if cuda:
-                    host = {k: torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for k, o in outs.items()}
-                    for k, o in outs.items():
-                        host[k].copy_(o, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record()
-                    writer.put(host, ids, ready=event.synchronize)  # type: ignore[union-attr]
-                elif dev.type != "cpu":  # e.g. MPS: a plain synchronous copy
-                    writer.put({k: o.to("cpu") for k, o in outs.items()}, ids)  # type: ignore[union-attr]
-                else:
-                    writer.put(outs, ids)  # type: ignore[union-attr]
-        writer.close()  # type: ignore[union-attr]
-        store.mark_complete()  # type: ignore[union-attr]
-        nonfinite = sorted(writer.nonfinite)  # type: ignore[union-attr]
-    except KeyboardInterrupt:
-        done = _finish(writer, store)
-        rd.update_meta("record", {**prov, "activations": str(path), "complete": False, "n_done": done})
-        print(f"\ninterrupted: {done} of {n_images} images are saved in {path}; "
-              "rerun the same command to resume", file=sys.stderr)
-        raise
-    except BaseException:
-        _finish(writer, store)
-        raise
-    finally:
-        if store is not None:
-            store.close()
-        net.to("cpu")
-        if cuda:
-            net.to(memory_format=torch.contiguous_format)
-    if nonfinite:
-        print(f"WARNING: layers {', '.join(nonfinite)} hold inf/NaN values in {path} "
-              f"({'beyond the float16 range; record with --dtype float32' if dtype == 'float16' else 'from the model'})",
-              file=sys.stderr)
-    rd.update_meta("record", {**prov, "activations": str(path), "complete": True, "n_done": n_images})
-    return path
+    elif repair:
+        print(f"note: {path} does not exist yet, there is nothing to repair; recording it", file=sys.stderr)
+    return record_from(job, start)
 
 
 def _weights_arg(desc: str) -> str:
@@ -430,24 +394,6 @@ def _weights_arg(desc: str) -> str:
     if desc.startswith("file:"):
         return desc[len("file:"):].rsplit("#", 1)[0]
     return "none" if desc == "none" else "default"
-
-
-def _check_shapes(store: Any, outs: Mapping[str, Any], path: Path) -> None:
-    for name, o in outs.items():
-        want = store.shape(name)[1:]
-        if tuple(o.shape[1:]) != want:
-            raise RunMismatchError(f"{path}: layer {name} gives {tuple(o.shape[1:])} maps now but {want} "
-                                   "were stored; use --force to record again or choose another --run")
-
-
-def _finish(writer: Any, store: Any) -> int:
-    """Write what is queued and return ``n_done`` (errors of the writer are reported, not raised)."""
-    if writer is not None:
-        try:
-            writer.close()
-        except Exception as exc:  # the original exception matters more
-            print(f"error while saving the last batches: {type(exc).__name__}: {exc}", file=sys.stderr)
-    return store.n_done if store is not None else 0
 
 
 def ensure_activations(run: "str | Path | None", model: "str | LoadedModel | None" = None, data: Any = None,

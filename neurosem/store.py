@@ -4,9 +4,11 @@ Layout (see docs/internals.md)::
 
     acts/<layer>   (N, C, H, W) float16 (or float32), chunked by (rows, channel block, H, W)
                    with about 1 MB per chunk, uncompressed by default
+    crc/<layer>    (ceil(N / rows),) uint32: CRC-32 of the bytes of each block of ``rows`` images
+                   (the layer's chunk rows; the block holding ``n_done`` covers rows up to it)
     image_ids      (N,) fixed-width utf-8 strings
     attrs          format, version, n_images, n_done, complete, layers (JSON list),
-                   shapes (JSON {layer: [C, H, W]}), dtype, provenance (JSON)
+                   shapes (JSON {layer: [C, H, W]}), dtype, provenance (JSON), store_id
 
 Why it survives a kill: every chunk of every dataset is allocated when the file is created (and the
 file is created under a temporary name and renamed once it is complete), so a write afterwards only
@@ -17,50 +19,32 @@ Writes come from :class:`StoreWriter`, a background thread fed through a bounded
 never waits on the disk unless it is more than ``max_pending`` batches ahead, an exception in the
 thread is re-raised in the caller, and rows are written in spans aligned to the chunk rows, so
 every write covers whole chunks.
+
+Integrity: every read checks the CRC-32 of each block it touches (once per block and open store;
+a mismatch is a :class:`~neurosem.errors.StoreDamagedError` naming the layer and the images, which
+``neurosem record ... --repair`` records again). Disk space: :meth:`ActivationStore.create` refuses
+a store that does not fit (one line with the space needed and free); a write that meets a full disk
+stops the writer, keeps ``n_done`` at what was flushed and raises a
+:class:`~neurosem.errors.DiskFullError`. The file is written without HDF5's chunk cache, so a
+failed write fails at once and leaves nothing dirty that closing the file would write again (with
+the cache, HDF5 retries the dirty chunks on close and crashes).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
-import queue
-import threading
-import uuid
+import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from neurosem.errors import NeurosemError
-
-FORMAT = "neurosem-activations"
-VERSION = 1
-CHUNK_BYTES = 1 << 20
-MAX_CHUNK_ROWS = 256
-DEFAULT_ID_WIDTH = 256
-_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-def chunk_shape(shape: Sequence[int], itemsize: int, target: int = CHUNK_BYTES,
-                max_rows: int = MAX_CHUNK_ROWS) -> tuple[int, int, int, int]:
-    """Chunk ``(rows, channels, H, W)`` of about ``target`` bytes for an ``(N, C, H, W)`` dataset.
-
-    A chunk always spans whole maps (H, W). When one image's C maps exceed ``target`` the chunk
-    holds one image and a block of channels; otherwise it holds all channels of a power-of-two
-    number of images (so the rows of all layers divide each other and one aligned write covers
-    whole chunks of every layer).
-
-    Example:
-        >>> chunk_shape((1000, 64, 56, 56), 2)
-        (2, 64, 56, 56)
-    """
-    n, c, h, w = (int(v) for v in shape)
-    per_map = max(1, h * w * itemsize)
-    if c * per_map >= target:
-        return (1, max(1, min(c, target // per_map)), h, w)
-    rows = 1
-    while rows * 2 * c * per_map <= target and rows * 2 <= max_rows:
-        rows *= 2
-    return (max(1, min(rows, n)), c, h, w)
+from neurosem._store_layout import (CHUNK_BYTES, DEFAULT_ID_WIDTH, FORMAT, MAX_CHUNK_ROWS, VERSION,  # noqa: F401
+                                    _DTYPES, _create_ids, chunk_shape, create_file, store_bytes)
+from neurosem._store_threads import StoreWriter, _prefetched, has_nonfinite  # noqa: F401
+from neurosem.errors import NeurosemError, StoreDamagedError
+from neurosem.run import check_free_space, disk_full_error, is_disk_full
 
 
 def _corrupt(path: Path, why: str) -> NeurosemError:
@@ -94,12 +78,21 @@ class ActivationStore:
             for layer in self.layers:
                 h5["acts"][layer]
             h5["image_ids"]
+            #: whether the store holds checksums (stores of format version 1 do not)
+            self.checksummed = "crc" in h5
+            self._block_rows = {layer: int((h5["acts"][layer].chunks or (1,))[0]) for layer in self.layers}
+            if self.checksummed:
+                for layer in self.layers:
+                    h5["crc"][layer]
         except NeurosemError:
             h5.close()
             raise
         except Exception as exc:  # missing attrs/datasets, bad JSON
             h5.close()
             raise _corrupt(self.path, f"{type(exc).__name__}: {exc}") from None
+        self._verified = {layer: np.zeros(-(-self.n_images // self._block_rows[layer]), bool)
+                          for layer in self.layers}
+        self._broken: BaseException | None = None  # a failed write: nothing more is written
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -119,7 +112,9 @@ class ActivationStore:
         if not path.exists():
             raise NeurosemError(f"no activations at {path}: record them first with `neurosem record MODEL --data PATH`")
         try:
-            h5 = h5py.File(path, mode, rdcc_nbytes=4 * CHUNK_BYTES)
+            # writing without a chunk cache: a failed write fails in write_direct and leaves no dirty
+            # chunk for flush/close to retry (HDF5 crashes on such a retry after ENOSPC)
+            h5 = h5py.File(path, mode, rdcc_nbytes=4 * CHUNK_BYTES if mode == "r" else 0)
         except OSError as exc:
             if "unable to lock file" in str(exc):
                 raise NeurosemError(f"{path} is open for writing in another process (a running "
@@ -143,6 +138,9 @@ class ActivationStore:
             max_chunk_rows: most images per chunk; the recorder passes the largest power of two
                 <= its batch size, so each batch is written as whole chunks.
 
+        Raises:
+            DiskFullError: the store would not fit on the disk (checked before anything is written).
+
         Example:
             >>> store = ActivationStore.create("a.h5", {"layer4": (512, 7, 7)}, 100)  # doctest: +SKIP
         """
@@ -155,33 +153,19 @@ class ActivationStore:
             raise NeurosemError("cannot create an activation store for 0 images: the dataset is empty")
         np_dtype = np.dtype(_DTYPES[dtype])
         path.parent.mkdir(parents=True, exist_ok=True)
+        needed = store_bytes(shapes, n_images, np_dtype.itemsize, id_width)
+        old = path.stat().st_size if path.exists() else 0  # replaced: its space comes back
+        if compression is None:
+            check_free_space(path, max(0, needed - old))
         tmp = path.with_name(path.name + ".tmp")
-        with h5py.File(tmp, "w", libver="earliest") as h5:  # superblock v0: no open-for-write flag
-            acts = h5.create_group("acts")
-            for layer, shp in shapes.items():
-                if "/" in layer:
-                    raise NeurosemError(f"layer name {layer!r} contains '/', which HDF5 keys cannot hold")
-                full = (n_images, *[int(v) for v in shp])
-                if len(full) != 4:
-                    raise NeurosemError(f"layer {layer!r} gives {len(full) - 1}-D outputs {tuple(shp)}; "
-                                        "only (C, H, W) maps can be stored: choose a convolutional layer")
-                acts.create_dataset(layer, shape=full, dtype=np_dtype,
-                                    chunks=chunk_shape(full, np_dtype.itemsize, chunk_bytes, max_chunk_rows),
-                                    compression=compression, dcpl=_early_dcpl(compression is None),
-                                    fill_time="never" if compression is None else None)
-            _create_ids(h5, n_images, id_width)
-            h5.attrs["format"] = FORMAT
-            h5.attrs["version"] = VERSION
-            h5.attrs["n_images"] = int(n_images)
-            h5.attrs["n_done"] = np.int64(0)
-            h5.attrs["complete"] = False
-            h5.attrs["layers"] = json.dumps(list(shapes))
-            h5.attrs["shapes"] = json.dumps({k: [int(v) for v in s] for k, s in shapes.items()})
-            h5.attrs["dtype"] = dtype
-            h5.attrs["provenance"] = json.dumps(dict(provenance or {}), default=str)
-            # A new id per recording: outputs derived from the store (dissect.h5) keep it, so a
-            # re-recording is noticed even when its arguments look the same (e.g. a changed factory).
-            h5.attrs["store_id"] = uuid.uuid4().hex
+        try:
+            create_file(tmp, shapes, n_images, provenance, dtype, compression, id_width, chunk_bytes,
+                        max_chunk_rows)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise disk_full_error(path, needed) from None
+            raise
         os.replace(tmp, path)
         return cls.append_to(path)
 
@@ -223,18 +207,107 @@ class ActivationStore:
         """``(N, C, H, W)`` of a layer, N being all images (``n_done`` of them written)."""
         return tuple(int(v) for v in self._dataset(layer).shape)  # type: ignore[return-value]
 
-    def read(self, layer: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Activations of images ``start..stop`` (default: up to ``n_done``): ``[B, C, H, W]``."""
+    def read(self, layer: str, start: int = 0, stop: int | None = None, verify: bool = True) -> np.ndarray:
+        """Activations of images ``start..stop`` (default: up to ``n_done``): ``[B, C, H, W]``.
+
+        With ``verify`` (the default) each block of chunk rows that the range touches is checked
+        against its CRC-32 the first time this open store reads it (the whole block is read then).
+
+        Raises:
+            StoreDamagedError: a block does not match its checksum (names the layer and images).
+        """
         ds = self._dataset(layer)
         n_done = self.n_done
+        start = int(start)
         stop = n_done if stop is None else int(stop)
         if not 0 <= start <= stop <= n_done:
             raise NeurosemError(f"cannot read images {start}..{stop} of {layer!r}: "
                                 f"only 0..{n_done} are recorded in {self.path}")
+        r = self._block_rows[layer]
+        k0, k1 = start // r, -(-stop // r)
+        if verify and self.checksummed and stop > start and not self._verified[layer][k0:k1].all():
+            lo, hi = k0 * r, min(k1 * r, n_done)
+            buf = self._read_raw(ds, lo, hi)
+            self._verify_blocks(layer, buf, k0, n_done)
+            out = buf[start - lo:stop - lo]
+            return out.copy() if 2 * len(out) < len(buf) else out
+        return self._read_raw(ds, start, stop)
+
+    @staticmethod
+    def _read_raw(ds: Any, start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, *ds.shape[1:]), dtype=ds.dtype)
         if stop > start:
             ds.read_direct(out, np.s_[start:stop])
         return out
+
+    def _bad_blocks(self, layer: str, buf: np.ndarray, k0: int, n_done: int) -> list[int]:
+        """Blocks ``k0..`` held by ``buf`` (rows ``k0 * rows``.. of ``layer``) that fail their CRC."""
+        r = self._block_rows[layer]
+        n_blocks = -(-len(buf) // r)
+        stored = self._f["crc"][layer][k0:k0 + n_blocks]
+        bad = []
+        for j in range(n_blocks):
+            if zlib.crc32(buf[j * r:(j + 1) * r]) != int(stored[j]):
+                bad.append(k0 + j)
+            elif (k0 + j + 1) * r <= n_done or n_done == self.n_images:
+                self._verified[layer][k0 + j] = True  # a block still growing is checked every time
+        return bad
+
+    def _verify_blocks(self, layer: str, buf: np.ndarray, k0: int, n_done: int) -> None:
+        bad = self._bad_blocks(layer, buf, k0, n_done)
+        if bad:
+            r = self._block_rows[layer]
+            first, last = bad[0] * r, min((bad[-1] + 1) * r, n_done)
+            raise StoreDamagedError(
+                f"{self.path} is damaged: the activations of layer {layer!r}, images {first}..{last}, do not "
+                f"match their checksum; re-record them with `{self.record_command()} --repair` "
+                "(only the damaged images are recorded again)")
+
+    def damaged(self, layers: Sequence[str] | None = None, rows: int = 4096) -> list[tuple[str, int, int]]:
+        """Check every block of ``layers`` (default: all) up to ``n_done``; the damaged image ranges.
+
+        Returns:
+            ``[(layer, start, stop)]``, consecutive damaged blocks merged (empty: all match, or the
+            store holds no checksums).
+        """
+        out: list[tuple[str, int, int]] = []
+        if not self.checksummed:
+            return out
+        n_done = self.n_done
+        for layer in self.layers if layers is None else layers:
+            ds, r = self._dataset(layer), self._block_rows[layer]
+            step = max(r, (rows // r) * r)
+            for lo in range(0, n_done, step):
+                hi = min(lo + step, n_done)
+                for k in self._bad_blocks(layer, self._read_raw(ds, lo, hi), lo // r, n_done):
+                    a, b = k * r, min((k + 1) * r, n_done)
+                    if out and out[-1][0] == layer and out[-1][2] == a:
+                        out[-1] = (layer, out[-1][1], b)
+                    else:
+                        out.append((layer, a, b))
+        return out
+
+    def record_command(self) -> str:
+        """The ``neurosem record`` command line that recorded this store (from its provenance)."""
+        prov = self.provenance
+        data = str(prov.get("data", "PATH"))
+        parts = ["neurosem record", str(prov.get("model", "MODEL")),
+                 "--data", "PATH" if data.startswith("<") else data, "--run", str(self.path.parent),
+                 "--layers", ",".join(self.layers), "--limit", str(self.n_images)]
+        weights = str(prov.get("weights_arg", "default"))
+        if weights != "default":
+            parts += ["--weights", weights]
+        if self.dtype != "float16":
+            parts += ["--dtype", self.dtype]
+        return " ".join(parts)
+
+    def block_rows(self) -> int:
+        """Images per checksum block common to every layer (their least common multiple)."""
+        return math.lcm(*self._block_rows.values()) if self._block_rows else 1
+
+    def row_bytes(self) -> int:
+        """Bytes of one image's activations over all layers."""
+        return sum(int(np.prod(self.shape(layer)[1:])) * np.dtype(self.dtype).itemsize for layer in self.layers)
 
     def iter_batches(self, layers: Sequence[str] | None = None, batch_size: int = 256,
                      start: int = 0, stop: int | None = None,
@@ -275,26 +348,74 @@ class ActivationStore:
         """
         self._write_rows(self.n_done, acts, ids)
 
-    def _write_rows(self, start: int, acts: Mapping[str, Any], ids: Sequence[str]) -> None:
+    def rewrite(self, start: int, acts: Mapping[str, Any], ids: Sequence[str]) -> None:
+        """Write rows ``start..start+B`` again (a repair), leaving ``n_done`` as it is.
+
+        ``start`` must begin a block of every layer (a multiple of :meth:`block_rows`) and the rows
+        must end a block or at ``n_done``, so that every checksum is computed afresh.
+        """
+        end = start + len(ids)
+        if start % self.block_rows() or end > self.n_done or (end % self.block_rows() and end != self.n_done):
+            raise NeurosemError(f"cannot rewrite images {start}..{end} of {self.path}: the range must cover "
+                                f"whole blocks of {self.block_rows()} images up to {self.n_done}")
+        self._write_rows(start, acts, ids, advance=False)
+
+    def _write_rows(self, start: int, acts: Mapping[str, Any], ids: Sequence[str], advance: bool = True) -> None:
         if not self.writable:
             raise NeurosemError(f"{self.path} is open read-only")
+        if self._broken is not None:
+            raise NeurosemError(f"{self.path}: an earlier write failed ({self._broken}); nothing more is written")
         b = len(ids)
         if start + b > self.n_images:
             raise NeurosemError(f"{self.path} holds {self.n_images} images; cannot write images {start}..{start + b}")
         if set(acts) != set(self.layers):
             raise NeurosemError(f"batch has layers {sorted(acts)} but the store holds {self.layers}")
         group = self._f["acts"]
+        arrays = {}
         for layer in self.layers:
             ds = group[layer]
             arr = np.ascontiguousarray(np.asarray(acts[layer]), dtype=ds.dtype)
             if arr.shape != (b, *ds.shape[1:]):
                 raise NeurosemError(f"layer {layer!r}: batch shape {arr.shape[1:]} differs from the stored "
                                     f"{tuple(ds.shape[1:])}; the images or the model changed, use --force")
-            ds.write_direct(arr, dest_sel=np.s_[start:start + b])
-        self._write_ids(start, ids)
-        self._f.flush()  # data lands before n_done says so
-        self._f.attrs.modify("n_done", np.int64(start + b))
-        self._f.flush()
+            arrays[layer] = arr
+        try:
+            for layer, arr in arrays.items():
+                crcs = self._block_crcs(layer, start, arr) if self.checksummed else None
+                group[layer].write_direct(arr, dest_sel=np.s_[start:start + b])
+                if crcs is not None:
+                    k0 = start // self._block_rows[layer]
+                    self._f["crc"][layer][k0:k0 + len(crcs)] = crcs
+            self._write_ids(start, ids)
+            self._f.flush()  # data lands before n_done says so
+            if advance:
+                self._f.attrs.modify("n_done", np.int64(start + b))
+                self._f.flush()
+        except BaseException as exc:
+            self._broken = exc
+            if is_disk_full(exc):
+                n_done = self.n_done
+                raise disk_full_error(self.path, self.row_bytes() * (self.n_images - n_done),
+                                      f"; {n_done} of {self.n_images} images are saved") from None
+            raise
+
+    def _block_crcs(self, layer: str, start: int, arr: np.ndarray) -> np.ndarray:
+        """CRC-32 of each block that rows ``start..start+B`` (``arr: [B, C, H, W]``) write into.
+
+        A block begun by an earlier write (rows before ``start``) continues from the CRC of those
+        rows, read back from the file.
+        """
+        r = self._block_rows[layer]
+        end = start + len(arr)
+        k0, k1 = start // r, -(-end // r)
+        out = np.empty(k1 - k0, np.uint32)
+        for k in range(k0, k1):
+            lo, hi = max(k * r, start), min((k + 1) * r, end)
+            seed = 0
+            if lo > k * r:
+                seed = zlib.crc32(self._read_raw(self._f["acts"][layer], k * r, lo))
+            out[k - k0] = zlib.crc32(arr[lo - start:hi - start], seed)
+        return out
 
     def _write_ids(self, start: int, ids: Sequence[str]) -> None:
         encoded = [str(i).encode("utf-8") for i in ids]
@@ -313,10 +434,19 @@ class ActivationStore:
 
     def mark_complete(self) -> None:
         """Set ``complete`` once all ``n_images`` rows are written."""
+        if self._broken is not None:
+            raise NeurosemError(f"{self.path}: an earlier write failed ({self._broken})")
         if self.n_done != self.n_images:
             raise NeurosemError(f"{self.path}: only {self.n_done} of {self.n_images} images are written")
-        self._f.attrs.modify("complete", True)
-        self._f.flush()
+        try:
+            self._f.attrs.modify("complete", True)
+            self._f.flush()
+        except BaseException as exc:
+            self._broken = exc
+            if is_disk_full(exc):
+                raise disk_full_error(self.path, 4096, f"; all {self.n_images} images are saved, the mark "
+                                      "that they are complete is missing") from None
+            raise
 
     def chunk_rows(self) -> int:
         """Rows of an aligned write: a multiple of every layer's chunk rows."""
@@ -326,208 +456,6 @@ class ActivationStore:
             rows = max(rows, int(r))
         return rows
 
-    def writer(self, max_pending: int = 3) -> "StoreWriter":
+    def writer(self, max_pending: int = 3) -> StoreWriter:
         """A background writer appending at ``n_done`` (see :class:`StoreWriter`)."""
         return StoreWriter(self, max_pending=max_pending)
-
-
-def has_nonfinite(arr: np.ndarray) -> bool:
-    """Whether a float16/float32 array holds an inf or a NaN (all exponent bits set), in one fast pass.
-
-    Example:
-        >>> has_nonfinite(np.array([1.0, 70000.0]).astype(np.float16))
-        True
-    """
-    if arr.size == 0:
-        return False
-    if arr.dtype == np.float16:
-        return int((arr.view(np.uint16) & np.uint16(0x7C00)).max()) == 0x7C00
-    if arr.dtype == np.float32:
-        return int((arr.view(np.uint32) & np.uint32(0x7F800000)).max()) == 0x7F800000
-    return not bool(np.isfinite(arr).all())
-
-
-def _early_dcpl(early: bool) -> Any:
-    if not early:
-        return None
-    import h5py
-
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    return dcpl
-
-
-def _create_ids(h5: Any, n_images: int, width: int) -> Any:
-    import h5py
-
-    return h5.create_dataset("image_ids", shape=(n_images,), dtype=h5py.string_dtype("utf-8", int(width)),
-                             dcpl=_early_dcpl(True), fill_time="alloc")
-
-
-def _prefetched(spans: list[tuple[int, int]], load: Callable[[tuple[int, int]], dict[str, np.ndarray]],
-                depth: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    q: "queue.Queue[tuple[str, Any]]" = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: tuple[str, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for span in spans:
-                if not put(("ok", (span[0], load(span)))):
-                    return
-        except BaseException as exc:  # handed to the consumer
-            put(("err", exc))
-            return
-        put(("end", None))
-
-    thread = threading.Thread(target=work, name="neurosem-store-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = q.get()
-            if kind == "end":
-                return
-            if kind == "err":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        thread.join()
-
-
-class StoreWriter:
-    """Append batches to a store from a background thread.
-
-    ``put(acts, ids)`` queues a batch (blocking only when ``max_pending`` batches wait); the thread
-    writes rows in spans aligned to the chunk rows, flushes, then advances ``n_done``. ``close()``
-    writes everything still queued (also the unaligned tail), stops the thread and re-raises an
-    error the thread met. An error in the thread is also re-raised by the next ``put``.
-
-    Example:
-        >>> with store.writer() as w:  # doctest: +SKIP
-        ...     for acts, ids in batches:
-        ...         w.put(acts, ids)
-    """
-
-    def __init__(self, store: ActivationStore, max_pending: int = 3) -> None:
-        self.store = store
-        self._q: "queue.Queue[Any]" = queue.Queue(maxsize=max(1, max_pending))
-        self._error: BaseException | None = None
-        self.nonfinite: set[str] = set()  #: layers in which an inf/NaN was written (float16 overflow)
-        self._align = store.chunk_rows()
-        self._shapes = {layer: store.shape(layer)[1:] for layer in store.layers}
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="neurosem-store-writer", daemon=False)
-        self._thread.start()
-
-    def __enter__(self) -> "StoreWriter":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def put(self, acts: Mapping[str, Any], ids: Sequence[str], ready: Callable[[], None] | None = None) -> None:
-        """Queue one batch; ``ready()`` (e.g. a CUDA event's synchronize) runs in the thread before reading it."""
-        self._raise_if_failed()
-        if self._closed:
-            raise RuntimeError("StoreWriter is closed")
-        self._check(acts, ids)
-        while True:
-            try:
-                self._q.put((acts, list(ids), ready), timeout=0.2)
-                return
-            except queue.Full:
-                self._raise_if_failed()
-                if not self._thread.is_alive():
-                    raise RuntimeError("the store writer thread died")
-
-    def _check(self, acts: Mapping[str, Any], ids: Sequence[str]) -> None:
-        if set(acts) != set(self.store.layers):
-            raise NeurosemError(f"batch has layers {sorted(acts)} but the store holds {self.store.layers}")
-        for layer, shape in self._shapes.items():
-            got = tuple(acts[layer].shape)
-            if got != (len(ids), *shape):
-                raise NeurosemError(f"layer {layer!r}: batch shape {got} does not fit {len(ids)} images of "
-                                    f"{shape} maps as stored; the images or the model changed, use --force")
-
-    def close(self) -> None:
-        """Write what is queued, stop the thread, re-raise its error if any (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            while self._thread.is_alive():
-                try:
-                    self._q.put(None, timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
-            self._thread.join()
-        self._raise_if_failed()
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
-            self._closed = True
-            raise err
-
-    def _run(self) -> None:
-        store = self.store
-        pend_acts: dict[str, list[np.ndarray]] = {layer: [] for layer in store.layers}
-        pend_ids: list[str] = []
-        start = store.n_done
-        try:
-            while True:
-                try:
-                    item = self._q.get(timeout=0.5)
-                except queue.Empty:
-                    if threading.main_thread().is_alive():
-                        continue
-                    item = None  # the program is ending without close(): save what is pending
-                if item is None:
-                    break
-                acts, ids, ready = item
-                if ready is not None:
-                    ready()
-                for layer in store.layers:
-                    arr = np.asarray(acts[layer])
-                    if layer not in self.nonfinite and has_nonfinite(arr):
-                        self.nonfinite.add(layer)
-                    pend_acts[layer].append(arr)
-                pend_ids.extend(ids)
-                end = start + len(pend_ids)
-                aligned = (end // self._align) * self._align
-                if aligned > start:
-                    start = self._flush(start, aligned - start, pend_acts, pend_ids)
-            if pend_ids:
-                self._flush(start, len(pend_ids), pend_acts, pend_ids)
-        except BaseException as exc:
-            self._error = exc
-            # keep draining so that put() never blocks forever on a full queue
-            while True:
-                try:
-                    if self._q.get(timeout=0.05) is None:
-                        break
-                except queue.Empty:
-                    if self._closed:
-                        break
-
-    def _flush(self, start: int, n: int, pend_acts: dict[str, list[np.ndarray]], pend_ids: list[str]) -> int:
-        batch = {}
-        for layer, parts in pend_acts.items():
-            whole = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            batch[layer] = whole[:n]
-            rest = whole[n:]
-            parts.clear()
-            if len(rest):
-                parts.append(rest)
-        ids = pend_ids[:n]
-        del pend_ids[:n]
-        self.store._write_rows(start, batch, ids)
-        return start + n

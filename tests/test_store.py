@@ -1,14 +1,17 @@
 """ActivationStore: layout, exact round trips, background writer, errors for bad files."""
 from __future__ import annotations
 
+import errno
 import json
+import zlib
 
 import h5py
 import numpy as np
 import pytest
 
-from neurosem.errors import NeurosemError
-from neurosem.store import ActivationStore, chunk_shape, has_nonfinite
+from neurosem.errors import DiskFullError, NeurosemError, StoreDamagedError
+from neurosem.run import format_bytes, is_disk_full
+from neurosem.store import ActivationStore, chunk_shape, has_nonfinite, store_bytes
 
 SHAPES = {"layer1": (8, 5, 5), "block.2": (4, 3, 3)}
 
@@ -206,3 +209,149 @@ def test_prefetch_reraises_read_errors(tmp_path, monkeypatch):
             for start, _batch in store.iter_batches(["layer1"], batch_size=5, prefetch=2):
                 got.append(start)
         assert got == [0, 5]
+
+
+# ---------------------------------------------------------------- checksums
+def _crc_reference(arr: np.ndarray, rows: int, n_done: int) -> list[int]:
+    """CRC-32 of each block of ``rows`` images of ``arr[:n_done]``, written out plainly."""
+    return [zlib.crc32(arr[k:min(k + rows, n_done)].tobytes()) for k in range(0, n_done, rows)]
+
+
+def test_checksums_per_block_also_across_a_resumed_block(tmp_path):
+    """Blocks of 4 rows; writes of 3, 5, 2 rows: block 0 is finished by a later write."""
+    path = tmp_path / "c.h5"
+    data = _data(10)
+    with ActivationStore.create(path, SHAPES, 10, {}, max_chunk_rows=4) as store:
+        for a, b in ((0, 3), (3, 8), (8, 10)):
+            store.append({k: v[a:b] for k, v in data.items()}, [str(i) for i in range(a, b)])
+            for layer in SHAPES:
+                n_blocks = -(-b // 4)
+                assert list(store._f["crc"][layer][:n_blocks]) == _crc_reference(data[layer], 4, b)
+    with ActivationStore.open(path) as store:
+        assert store.checksummed and store.block_rows() == 4 and store.damaged() == []
+        np.testing.assert_array_equal(store.read("layer1", 5, 6), data["layer1"][5:6])
+
+
+def _zero_inside_chunk(path, layer: str, chunk: int, skip: int = 16 * 1024, size: int = 64 * 1024) -> None:
+    with h5py.File(path, "r") as f:
+        info = f["acts"][layer].id.get_chunk_info(chunk)
+        assert info.size >= skip + size
+        offset = info.byte_offset + skip
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\0" * size)
+
+
+BIG = {"maps": (16, 64, 64)}  # 128 KiB per image in float16; chunks of 4 images (512 KiB)
+
+
+def test_zeroed_64k_is_one_line_naming_layer_and_images(tmp_path):
+    path = tmp_path / "big.h5"
+    rng = np.random.default_rng(1)
+    data = {"maps": rng.standard_normal((16, *BIG["maps"])).astype(np.float16),
+            "small": rng.standard_normal((16, 2, 3, 3)).astype(np.float16)}
+    shapes = {"maps": BIG["maps"], "small": (2, 3, 3)}
+    store = ActivationStore.create(path, shapes, 16, {"model": "tiny", "data": "/d", "weights_arg": "w.pt"},
+                                   max_chunk_rows=4)
+    with store, store.writer() as w:
+        for i in range(0, 16, 4):
+            w.put({k: v[i:i + 4] for k, v in data.items()}, [str(j) for j in range(i, i + 4)])
+    _zero_inside_chunk(path, "maps", chunk=2)  # images 8..12
+    want = (f"{path} is damaged: the activations of layer 'maps', images 8..12, do not match their checksum; "
+            f"re-record them with `neurosem record tiny --data /d --run {tmp_path} --layers maps,small "
+            "--limit 16 --weights w.pt --repair` (only the damaged images are recorded again)")
+    with ActivationStore.open(path) as store:
+        np.testing.assert_array_equal(store.read("maps", 0, 8), data["maps"][:8])  # undamaged blocks read
+        np.testing.assert_array_equal(store.read("small"), data["small"])
+        for read in (lambda: store.read("maps", 9, 10), lambda: store.read("maps"),
+                     lambda: list(store.iter_batches(["small", "maps"], batch_size=5, prefetch=2))):
+            with pytest.raises(StoreDamagedError) as err:
+                read()
+            assert str(err.value) == want
+        assert store.damaged() == [("maps", 8, 12)]
+        raw = store.read("maps", 8, 12, verify=False)  # without the check the zeros come through
+        assert (raw == 0).sum() > 30000 and not np.array_equal(raw, data["maps"][8:12])
+
+
+def test_old_stores_without_checksums_are_read(tmp_path):
+    data = _fill(tmp_path / "v1.h5")
+    with h5py.File(tmp_path / "v1.h5", "r+") as f:
+        del f["crc"]
+        f.attrs["version"] = 1
+    with ActivationStore.open(tmp_path / "v1.h5") as store:
+        assert not store.checksummed and store.damaged() == []
+        np.testing.assert_array_equal(store.read("layer1"), data["layer1"])
+
+
+def test_rewrite_needs_whole_blocks_and_keeps_n_done(tmp_path):
+    path = tmp_path / "r.h5"
+    data = _data(10)
+    with ActivationStore.create(path, SHAPES, 10, {}, max_chunk_rows=4) as store:
+        store.append(data, [str(i) for i in range(10)])
+        for a, b in ((2, 4), (0, 3), (4, 11)):
+            with pytest.raises(NeurosemError, match="whole blocks of 4 images up to 10"):
+                store.rewrite(a, {k: v[a:b] for k, v in data.items()}, [str(i) for i in range(a, b)])
+        other = _data(10, seed=7)
+        store.rewrite(4, {k: v[4:10] for k, v in other.items()}, [str(i) for i in range(4, 10)])
+        assert store.n_done == 10 and store.damaged() == []
+        np.testing.assert_array_equal(store.read("layer1"), np.concatenate([data["layer1"][:4], other["layer1"][4:]]))
+
+
+# ---------------------------------------------------------------- disk space
+def test_store_that_does_not_fit_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+
+    needed = store_bytes(SHAPES, 1000, 2)
+    # 1000 * (200 + 36) * 2 acts + 1000 * (256 + 8) ids/crc + 3 * 64 KiB
+    assert needed == 1000 * 236 * 2 + 1000 * 264 + 3 * 65536 == 932608
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 900000, 900000))
+    with pytest.raises(DiskFullError) as err:
+        ActivationStore.create(tmp_path / "run" / "a.h5", SHAPES, 1000, {})
+    assert str(err.value) == (f"not enough disk space for {tmp_path / 'run' / 'a.h5'}: it needs 910.8 KiB more, "
+                              f"878.9 KiB are free on {tmp_path / 'run'}; free space (or write the run elsewhere "
+                              "with --run DIR) and run the same command again")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+    ActivationStore.create(tmp_path / "run" / "a.h5", SHAPES, 100, {}).close()  # 100 images fit
+
+
+def test_full_disk_during_a_write_keeps_what_was_flushed(tmp_path, monkeypatch):
+    path = tmp_path / "full.h5"
+    data = _data(12)
+    store = ActivationStore.create(path, SHAPES, 12, {}, max_chunk_rows=2)
+    real, calls = h5py.Dataset.write_direct, []
+
+    def write_direct(self, *a, **k):
+        calls.append(self.name)
+        if len(calls) > 4:  # two batches of both layers land, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(h5py.Dataset, "write_direct", write_direct)
+    with store:
+        w = store.writer()
+        with pytest.raises(DiskFullError) as err:
+            for i in range(0, 12, 2):
+                w.put({k: v[i:i + 2] for k, v in data.items()}, [str(j) for j in range(i, i + 2)])
+            w.close()
+        w.close()
+        assert store.n_done == 4
+        assert f"it needs {format_bytes(8 * store.row_bytes())} more" in str(err.value)
+        assert "; 4 of 12 images are saved; free space" in str(err.value) and "\n" not in str(err.value)
+        with pytest.raises(NeurosemError, match="an earlier write failed"):
+            store.append({k: v[4:6] for k, v in data.items()}, ["4", "5"])
+    monkeypatch.setattr(h5py.Dataset, "write_direct", real)
+    with ActivationStore.append_to(path) as store:  # a valid file, resumable at 4
+        assert store.n_done == 4 and store.damaged() == []
+        np.testing.assert_array_equal(store.read("layer1"), data["layer1"][:4])
+        store.append({k: v[4:] for k, v in data.items()}, [str(j) for j in range(4, 12)])
+        np.testing.assert_array_equal(store.read("block.2"), data["block.2"])
+
+
+def test_disk_full_errors_are_recognised():
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    # h5py reports a failed flush as a RuntimeError carrying HDF5's errno text
+    assert is_disk_full(RuntimeError("Unable to synchronously flush file (file write failed: ..., errno = 28, "
+                                     "error message = 'No space left on device', buf = 0x1)"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not is_disk_full(ValueError("No space left on device"))
+    assert [format_bytes(v) for v in (0, 1023, 1536, 3 * 2 ** 30)] == ["0 B", "1023 B", "1.5 KiB", "3.0 GiB"]
