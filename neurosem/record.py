@@ -307,6 +307,8 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
 
     if batch_size < 1:
         raise NeurosemError(f"--batch-size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise NeurosemError(f"--workers must be >= 0 (0: load in the main process), got {num_workers}")
     if dtype not in ("float16", "float32"):
         raise NeurosemError(f"unknown activation dtype {dtype!r}: use float16 or float32")
     lm = model if isinstance(model, LoadedModel) else load_model(model, weights)
@@ -370,8 +372,13 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
             # One whole forward pass of one image: a module that runs twice (e.g. a ReLU reused inside
             # a block) is an error here, which stopping after the last layer below could not see.
             probe = _Indexed(ds, start, n_images)[0][0][None].to(dev).float().sub_(mean_t).div_(std_t)
-            with Recorder(net, layers, to_cpu=False):
+            with Recorder(net, layers, to_cpu=False) as probe_rec:
                 net(probe)
+            flat = [name for name in layers if probe_rec.outputs[name].dim() != 4]
+            if flat:  # refused before any file is written
+                shp = tuple(probe_rec.outputs[flat[0]].shape[1:])
+                raise NeurosemError(f"layer {flat[0]!r} gives {len(shp)}-D outputs {shp}; only (C, H, W) maps "
+                                    "can be stored: choose a convolutional layer")
         with torch.inference_mode(), Recorder(net, layers, stop_after_last=True, to_cpu=False,
                                               dtype=act_dtype) as rec:
             for images, ids in bar(loader, total=len(loader), desc=f"record {lm.spec}",
@@ -418,11 +425,30 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
         if cuda:
             net.to(memory_format=torch.contiguous_format)
     if nonfinite:
-        print(f"WARNING: layers {', '.join(nonfinite)} hold inf/NaN values in {path} "
-              f"({'beyond the float16 range; record with --dtype float32' if dtype == 'float16' else 'from the model'})",
-              file=sys.stderr)
+        print(_nonfinite_warning(path, nonfinite, dtype), file=sys.stderr)
     rd.update_meta("record", {**prov, "activations": str(path), "complete": True, "n_done": n_images})
     return path
+
+
+def _nonfinite_warning(path: Path, layers: Sequence[str], dtype: str) -> str:
+    """The warning for layers holding inf/NaN: NaN comes from the model, inf from float16 overflow."""
+    import numpy as np
+
+    from neurosem.store import ActivationStore
+
+    with ActivationStore.open(path) as st:
+        nan = [name for name in layers
+               if any(bool(np.isnan(b[name]).any()) for _, b in st.iter_batches([name], prefetch=0))]
+    inf = [name for name in layers if name not in nan]
+    parts = []
+    if nan:
+        parts.append(f"layers {', '.join(nan)} hold NaN values in {path}: the model itself computes NaN "
+                     "(check the model and its weights)")
+    if inf:
+        why = ("beyond the float16 range (65504): record with --dtype float32 --force" if dtype == "float16"
+               else "the model itself computes inf (check the model and its weights)")
+        parts.append(f"layers {', '.join(inf)} hold inf values in {path}: {why}")
+    return "WARNING: " + "; ".join(parts)
 
 
 def _weights_arg(desc: str) -> str:
@@ -491,6 +517,7 @@ def ensure_activations(run: "str | Path | None", model: "str | LoadedModel | Non
         if "mean" not in kw and "std" not in kw and same_model:
             tf = prov.get("transform") or {}
             kw["mean"], kw["std"] = tf.get("mean"), tf.get("std")
+        kw.setdefault("dtype", prov.get("dtype") or "float16")  # a float32 store is read as it is
     if model is None or data is None:
         raise NeurosemError(f"no activations in {rd.path}: pass MODEL and --data to record them "
                             f"(or run `neurosem record MODEL --data PATH --run {rd.path}`)")
