@@ -25,10 +25,10 @@ WORKERS = click.IntRange(min=0)
 #: what Ctrl-C leaves behind, per command (the library prints details, e.g. how many images are saved)
 INTERRUPTED = {
     "record": "the images recorded so far are saved; run the same command again to resume",
-    "dissect": "activations recorded so far are kept and their recording resumes, but the dissection itself "
-               "is not saved: it starts over when you run the same command again",
-    "embed": "activations recorded so far are kept and their recording resumes, but the embedding is not "
-             "saved: its training starts over when you run the same command again",
+    "dissect": "the dissection is not saved: it starts over when you run the same command again (the "
+               "run's activations are kept, and an unfinished recording resumes)",
+    "embed": "the embedding is not saved: its training starts over when you run the same command again (the "
+             "run's activations are kept, and an unfinished recording resumes)",
     "distill": "every finished epoch is saved in the run's checkpoint.pt; run the same command again to "
                "resume after the last one",
     "quickstart": "a finished synthetic set is kept; the other stages run again when you run the same command",
@@ -53,16 +53,21 @@ def _device_option(f):
                         help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")(f)
 
 
-def _run_option(f):
-    return click.option("--run", "run", type=click.Path(file_okay=False), default=None,
-                        help="Run directory (default: runs/<model>, or the only run under runs/).")(f)
+def _run_option(f, help: str = "Run directory (default: runs/<model>, or the only run under runs/; "
+                                 "path/file.py:factory -> runs/file)."):
+    return click.option("--run", "run", type=click.Path(file_okay=False), default=None, help=help)(f)
+
+
+def _distill_run_option(f):
+    return _run_option(f, help="Run directory (default: runs/<student>-<method>[-<teacher>]-s<seed>).")
 
 
 def _weights_option(f):
     return click.option(
         "--weights", default="default", show_default=True,
-        help="`default` (torchvision's pretrained weights, from the torch cache), `none` (random "
-             "init) or a .pth file (a state dict or a checkpoint holding one).")(f)
+        help="`default` (torchvision's pretrained weights, from the torch cache; for path/file.py:factory "
+             "what the factory built), `none` (random init) or a .pth file (a state dict or a checkpoint "
+             "holding one).")(f)
 
 
 def _quiet_option(f):
@@ -84,6 +89,8 @@ def cli() -> None:
 
     \b
     Start with:  neurosem quickstart      (the whole pipeline on generated data, minutes on a CPU)
+    Test data:   neurosem synth OUT       (the quickstart's synthetic Broden-format set)
+    Own model:   neurosem layers path/to/file.py:factory   (factory() returns an nn.Module)
     Check setup: neurosem doctor
     """
 
@@ -169,8 +176,9 @@ def layers(model: str, input_size: int | None, weights: str, as_json: bool) -> N
     Layers marked * are the defaults.
 
     \b
-    Example:
+    Examples:
       neurosem layers resnet18 --input-size 224
+      neurosem layers mymodel.py:make      (your own model: make() returns an nn.Module)
     """
     from neurosem.models import layer_table
 
@@ -202,8 +210,9 @@ def record(model: str, data: str, layers: tuple[str, ...], run: str | None, weig
     (Ctrl-C, a kill) resumes when the same command is run again.
 
     \b
-    Example:
+    Examples:
       neurosem record resnet18 --data data/broden1_224 --layers layer3,layer4
+      neurosem record mymodel.py:make --data data/broden1_224 --dtype float32   (-> runs/mymodel)
     """
     from neurosem.record import record as record_activations
 
@@ -375,7 +384,7 @@ def figures(run: str | None, formats: str, layer: str | None, neuron: str | None
 @click.option("--seed", default=0, show_default=True, help="Seed of every random draw: the student's initialisation, the data order, augmentation.")
 @click.option("--workers", type=WORKERS, default=2, show_default=True,
               help="DataLoader worker processes (0: load in the main process).")
-@_run_option
+@_distill_run_option
 @_device_option
 @_quiet_option
 def distill(teacher: str | None, student: str, method: str, data: str, protocol: str, epochs: int | None,
@@ -417,6 +426,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(f"interrupted: {INTERRUPTED.get(command, 'nothing to resume; run the command again')}", 130,
               prefix="")
     except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `neurosem` alone: the help, as click prints it
+            exc.show()
+            sys.exit(exc.exit_code)
         where = exc.ctx.command_path if exc.ctx is not None else "neurosem"
         _fail(f"{exc.format_message()} (see `{where} --help`)", exc.exit_code)
     except click.ClickException as exc:

@@ -185,7 +185,7 @@ def _load_torchvision(name: str, weights: str, num_classes: int | None, warn: bo
         if default_w is None:
             raise NeurosemError(f"torchvision has no pretrained weights for {name}: use --weights FILE or none")
         if num_classes is not None and num_classes != len(default_w.meta.get("categories", [])):
-            raise NeurosemError(f"--num-classes {num_classes} does not fit {default_w} "
+            raise NeurosemError(f"num_classes={num_classes} does not fit {default_w} "
                                 f"({len(default_w.meta.get('categories', []))} classes): use --weights FILE or none")
         model = _torchvision_pretrained(tv, name, default_w)
         desc = f"torchvision:{default_w}"

@@ -316,7 +316,7 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
     mean = tuple(float(v) for v in (mean if mean is not None else lm.mean))
     std = tuple(float(v) for v in (std if std is not None else lm.std))
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise NeurosemError(f"--mean/--std need 3 values each, std > 0 (got mean={mean}, std={std})")
+        raise NeurosemError(f"mean and std need 3 values each, std > 0 (got mean={mean}, std={std})")
     ds, data_desc, fingerprint = open_data(data)
     n_images = len(ds) if limit is None else min(len(ds), int(limit))
     if n_images < 1:

@@ -119,11 +119,11 @@ def test_internal_error_is_one_line_with_exit_1(capsys, monkeypatch):
     (["record", "m", "--data", "d"], "neurosem.record.record",
      "interrupted: the images recorded so far are saved; run the same command again to resume"),
     (["embed", "m"], "neurosem.embed.embed",
-     "interrupted: activations recorded so far are kept and their recording resumes, but the embedding is "
-     "not saved: its training starts over when you run the same command again"),
+     "interrupted: the embedding is not saved: its training starts over when you run the same command again "
+     "(the run's activations are kept, and an unfinished recording resumes)"),
     (["dissect", "--broden", "b"], "neurosem.dissect.dissect",
-     "interrupted: activations recorded so far are kept and their recording resumes, but the dissection "
-     "itself is not saved: it starts over when you run the same command again"),
+     "interrupted: the dissection is not saved: it starts over when you run the same command again (the "
+     "run's activations are kept, and an unfinished recording resumes)"),
     (["kl"], "neurosem.analysis.kl.kl_report", "interrupted: nothing to resume; run the command again"),
 ])
 def test_interrupt_says_what_really_is_kept(capsys, monkeypatch, command, target, says):
@@ -165,3 +165,11 @@ def test_synth_refuses_a_folder_that_is_not_empty(capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
     main(["synth", str(tmp_path), "--images", "2", "--force"])
     assert (tmp_path / "index.csv").exists() and (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_no_command_prints_the_help(capsys):
+    with pytest.raises(SystemExit):
+        main([])
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "Usage: neurosem" in text and "neurosem synth OUT" in text and "error:" not in text
