@@ -243,7 +243,9 @@ def _torchvision_pretrained(tv: Any, name: str, w: Any) -> "nn.Module":
     try:
         if cached:
             return tv.models.get_model(name, weights=w)
-        with _HeldDownloadLine().active():
+        from neurosem._download import HeldDownloadLine
+
+        with HeldDownloadLine().active():
             return tv.models.get_model(name, weights=w)  # downloads into the cache
     except Exception as exc:
         if cached:
@@ -255,52 +257,6 @@ def _torchvision_pretrained(tv: Any, name: str, w: Any) -> "nn.Module":
             f"default weights for {name} are not cached and could not be downloaded "
             f"({type(exc).__name__}); download {w.url} and put {fname} into {cache}/ "
             "(or pass --weights FILE, or --weights none for random weights)") from None
-
-
-class _HeldDownloadLine:
-    """Holds torch.hub's ``Downloading: URL to FILE`` line (written to stdout) until the download shows
-    progress on stderr; it is then written to stderr, before the bar. When the connection fails, the
-    line is never shown: the one-line error says it all, and stdout stays clean either way.
-    """
-
-    def __init__(self) -> None:
-        self.held = ""
-        self.stdout, self.stderr = sys.stdout, sys.stderr
-
-    def release(self) -> None:
-        if self.held:
-            self.stderr.write(self.held)
-            self.held = ""
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        out, err = _Stream(self.stdout, self._out), _Stream(self.stderr, self._err)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # type: ignore[type-var]
-            yield
-        self.release()
-
-    def _out(self, text: str) -> bool:
-        if text.startswith("Downloading"):
-            self.held += text
-            return True
-        return False
-
-    def _err(self, text: str) -> bool:
-        self.release()
-        return False
-
-
-class _Stream:
-    """A text stream passing writes to ``stream`` unless ``hook(text)`` takes them."""
-
-    def __init__(self, stream: Any, hook: Any) -> None:
-        self.stream, self.hook = stream, hook
-
-    def write(self, text: str) -> int:
-        return len(text) if self.hook(text) else self.stream.write(text)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.stream, name)
 
 
 # ---------------------------------------------------------------------- weights files

@@ -372,14 +372,14 @@ def test_offline_download_shows_only_the_error(tmp_path, monkeypatch, capsys):
 
 
 def test_download_line_goes_to_stderr_once_the_download_runs(capsys):
-    from neurosem.models import _HeldDownloadLine
+    from neurosem._download import HeldDownloadLine
 
-    with _HeldDownloadLine().active():
+    with HeldDownloadLine().active():
         sys.stdout.write('Downloading: "u" to f\n')
         assert capsys.readouterr() == ("", "")             # held back until the download shows progress
         sys.stderr.write("bar 10%")
         print("other output")
     assert capsys.readouterr() == ("other output\n", 'Downloading: "u" to f\nbar 10%')
-    with _HeldDownloadLine().active():                     # no progress at all: written at the end
+    with HeldDownloadLine().active():                     # no progress at all: written at the end
         sys.stdout.write('Downloading: "u" to f\n')
     assert capsys.readouterr() == ("", 'Downloading: "u" to f\n')
