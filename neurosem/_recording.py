@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
-from neurosem.errors import DiskFullError, RunMismatchError
+from neurosem.errors import DiskFullError, NeurosemError, RunMismatchError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -144,8 +144,13 @@ def record_from(job: Job, start: int) -> Path:
                 # One whole forward pass of one image: a module that runs twice (e.g. a ReLU reused inside
                 # a block) is an error here, which stopping after the last layer below could not see.
                 image = _Indexed(job.ds, start, n_images)[0][0][None].to(dev).float()
-                with Recorder(job.lm.model, layers, to_cpu=False):
+                with Recorder(job.lm.model, layers, to_cpu=False) as probe_rec:
                     job.lm.model(image.sub_(norm[0]).div_(norm[1]))
+                flat = [name for name in layers if probe_rec.outputs[name].dim() != 4]
+                if flat:  # refused before any file is written
+                    shp = tuple(probe_rec.outputs[flat[0]].shape[1:])
+                    raise NeurosemError(f"layer {flat[0]!r} gives {len(shp)}-D outputs {shp}; only (C, H, W) "
+                                        "maps can be stored: choose a convolutional layer")
             _forward(job, start, n_images, layers, norm, f"record {job.lm.spec}", on_batch)
         writer.close()  # type: ignore[union-attr]
         store.mark_complete()  # type: ignore[union-attr]
@@ -177,9 +182,9 @@ def record_from(job: Job, start: int) -> Path:
         if store is not None:
             store.close()
     if nonfinite:
-        why = ("beyond the float16 range; record with --dtype float32" if job.dtype == "float16"
-               else "from the model")
-        print(f"WARNING: layers {', '.join(nonfinite)} hold inf/NaN values in {path} ({why})", file=sys.stderr)
+        from neurosem.record import _nonfinite_warning
+
+        print(_nonfinite_warning(path, nonfinite, job.dtype), file=sys.stderr)
     job.rd.update_meta("record", {**job.prov, "activations": str(path), "complete": True, "n_done": n_images})
     return path
 

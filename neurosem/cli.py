@@ -17,6 +17,22 @@ from neurosem import __version__
 from neurosem.errors import NeurosemError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+#: the most images per batch an option accepts (larger batches never fit a device anyway)
+MAX_BATCH = 1 << 16
+BATCH = click.IntRange(1, MAX_BATCH)
+WORKERS = click.IntRange(min=0)
+
+#: what Ctrl-C leaves behind, per command (the library prints details, e.g. how many images are saved)
+INTERRUPTED = {
+    "record": "the images recorded so far are saved; run the same command again to resume",
+    "dissect": "the dissection is not saved: it starts over when you run the same command again (the "
+               "run's activations are kept, and an unfinished recording resumes)",
+    "embed": "the embedding is not saved: its training starts over when you run the same command again (the "
+             "run's activations are kept, and an unfinished recording resumes)",
+    "distill": "every finished epoch is saved in the run's checkpoint.pt; run the same command again to "
+               "resume after the last one",
+    "quickstart": "a finished synthetic set is kept; the other stages run again when you run the same command",
+}
 
 
 def _split(values: Sequence[str]) -> list[str] | None:
@@ -37,16 +53,21 @@ def _device_option(f):
                         help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")(f)
 
 
-def _run_option(f):
-    return click.option("--run", "run", type=click.Path(file_okay=False), default=None,
-                        help="Run directory (default: runs/<model>, or the only run under runs/).")(f)
+def _run_option(f, help: str = "Run directory (default: runs/<model>, or the only run under runs/; "
+                                 "path/file.py:factory -> runs/file)."):
+    return click.option("--run", "run", type=click.Path(file_okay=False), default=None, help=help)(f)
+
+
+def _distill_run_option(f):
+    return _run_option(f, help="Run directory (default: runs/<student>-<method>[-<teacher>]-s<seed>).")
 
 
 def _weights_option(f):
     return click.option(
         "--weights", default="default", show_default=True,
-        help="`default` (torchvision's pretrained weights, from the torch cache), `none` (random "
-             "init) or a .pth file (a state dict or a checkpoint holding one).")(f)
+        help="`default` (torchvision's pretrained weights, from the torch cache; for path/file.py:factory "
+             "what the factory built), `none` (random init) or a .pth file (a state dict or a checkpoint "
+             "holding one).")(f)
 
 
 def _quiet_option(f):
@@ -68,6 +89,8 @@ def cli() -> None:
 
     \b
     Start with:  neurosem quickstart      (the whole pipeline on generated data, minutes on a CPU)
+    Test data:   neurosem synth OUT       (the quickstart's synthetic Broden-format set)
+    Own model:   neurosem layers path/to/file.py:factory   (factory() returns an nn.Module)
     Check setup: neurosem doctor
     """
 
@@ -94,6 +117,33 @@ def quickstart(out: str, device: str, seed: int, quiet: bool) -> None:
     run_quickstart(out=out, device=device, seed=seed, progress=not quiet)
 
 
+@cli.command(context_settings=CONTEXT, short_help="Write the synthetic Broden-format set into OUT.")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--images", "n_images", type=click.IntRange(min=1), default=384, show_default=True,
+              help="Number of images (every 4th is in the val split).")
+@click.option("--image-size", type=click.IntRange(min=16), default=64, show_default=True,
+              help="Side of the square images in pixels.")
+@click.option("--seg-size", type=click.IntRange(min=16), default=32, show_default=True,
+              help="Side of the label maps; must divide --image-size.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the drawing (same seed, same bytes).")
+@click.option("--force", is_flag=True, help="Write into OUT even when it is not empty (the set's files are overwritten).")
+def synth(out: str, n_images: int, image_size: int, seg_size: int, seed: int, force: bool) -> None:
+    """Write the synthetic Broden-format set (the quickstart's data) into OUT.
+
+    Six categories with exact ground truth (color, object, part, material per pixel; scene,
+    texture per image), written in seconds; any stage takes it where it takes a Broden directory.
+
+    \b
+    Example:
+      neurosem synth data/synthetic --images 96
+      neurosem dissect resnet18 --broden data/synthetic --weights none
+    """
+    from neurosem.data.synthetic import synth as write_synth
+
+    click.echo(write_synth(out, n_images=n_images, image_size=image_size, seg_size=seg_size, seed=seed,
+                           force=force))
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option("--fix", is_flag=True, help="Reinstall a matching torch/torchvision pair with pip when they do not fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -114,7 +164,7 @@ def doctor(fix: bool, as_json: bool) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model")
-@click.option("--input-size", type=int, default=None,
+@click.option("--input-size", type=click.IntRange(min=1), default=None,
               help="Side of the square dummy input (default: the model's own, 224 or 32 for the CIFAR zoo).")
 @click.option("--weights", default="none", show_default=True,
               help="Weights to load (shapes do not depend on them): none, default or a .pth file.")
@@ -126,8 +176,9 @@ def layers(model: str, input_size: int | None, weights: str, as_json: bool) -> N
     Layers marked * are the defaults.
 
     \b
-    Example:
+    Examples:
       neurosem layers resnet18 --input-size 224
+      neurosem layers mymodel.py:make      (your own model: make() returns an nn.Module)
     """
     from neurosem.models import layer_table
 
@@ -141,10 +192,12 @@ def layers(model: str, input_size: int | None, weights: str, as_json: bool) -> N
 @_layers_option
 @_run_option
 @_weights_option
-@click.option("--batch-size", "-b", default=64, show_default=True)
+@click.option("--batch-size", "-b", type=BATCH, default=64, show_default=True,
+              help="Images per forward pass (the stored values do not depend on it).")
 @_device_option
-@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
-@click.option("--limit", type=int, default=None, help="Record only the first N images.")
+@click.option("--workers", type=WORKERS, default=2, show_default=True,
+              help="DataLoader worker processes reading images (0: read in the main process).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Record only the first N images.")
 @click.option("--force", is_flag=True, help="Start over even if the run holds other activations.")
 @click.option("--repair", is_flag=True, help="Check the stored images' checksums and record damaged ones again.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
@@ -159,8 +212,9 @@ def record(model: str, data: str, layers: tuple[str, ...], run: str | None, weig
     (Ctrl-C, a kill) resumes when the same command is run again.
 
     \b
-    Example:
+    Examples:
       neurosem record resnet18 --data data/broden1_224 --layers layer3,layer4
+      neurosem record mymodel.py:make --data data/broden1_224 --dtype float32   (-> runs/mymodel)
     """
     from neurosem.record import record as record_activations
 
@@ -179,7 +233,8 @@ def record(model: str, data: str, layers: tuple[str, ...], run: str | None, weig
 @click.option("--quantile", default=0.005, show_default=True, help="Top quantile q: the threshold is the 1-q quantile.")
 @click.option("--iou-threshold", default=0.04, show_default=True, help="A unit is interpretable at IoU >= this.")
 @click.option("--categories", multiple=True, metavar="NAMES", help="Only these categories (comma-separated).")
-@click.option("--batch-size", "-b", default=64, show_default=True)
+@click.option("--batch-size", "-b", default=64, show_default=True,
+              help="Images per batch when recording and tallying (the results do not depend on it).")
 @_device_option
 @_quiet_option
 def dissect(model: str | None, broden: str, run: str | None, layers: tuple[str, ...], weights: str,
@@ -213,11 +268,12 @@ def dissect(model: str | None, broden: str, run: str | None, layers: tuple[str, 
 @click.option("--trainer", type=click.Choice(["fit", "paper"]), default="fit", show_default=True,
               help="fit: exact, one data pass then a full-batch fit; paper: the paper's SGD protocol.")
 @click.option("--epochs", default=100, show_default=True, help="Epochs of the paper trainer.")
-@click.option("--batch-size", "-b", default=64, show_default=True)
-@click.option("--lr", default=0.1, show_default=True)
+@click.option("--batch-size", "-b", type=BATCH, default=64, show_default=True,
+              help="Images per batch when recording, and the paper trainer's mini-batch size.")
+@click.option("--lr", default=0.1, show_default=True, help="Learning rate of the paper trainer's SGD.")
 @click.option("--temperature", default=1.0, show_default=True,
               help="τ dividing the cosines before both softmaxes (1 = the paper's formula).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the random initial vectors (and the paper trainer's shuffling).")
 @click.option("--no-store", is_flag=True, help="Stream through the model without writing activations.h5.")
 @_device_option
 @_quiet_option
@@ -310,20 +366,27 @@ def figures(run: str | None, formats: str, layer: str | None, neuron: str | None
 @click.option("--teacher", default=None, help="Teacher model (zoo name); not run for skd.")
 @click.option("--student", required=True, help="Student model (zoo name, e.g. resnet8x4).")
 @click.option("--method", type=click.Choice(["skd", "skd-random", "kd", "fitnet", "at", "sp", "cc", "rkd", "pkt", "ce"]),
-              default="skd", show_default=True)
+              default="skd", show_default=True,
+              help="skd: the paper's static distillation; skd-random: SKD with random vectors (a control); "
+                   "kd, fitnet, at, sp, cc, rkd, pkt: the baselines; ce: the student alone.")
 @click.option("--data", required=True, help="cifar100:ROOT (a folder holding cifar-100-python/).")
-@click.option("--protocol", type=click.Choice(["paper", "crd"]), default="paper", show_default=True)
+@click.option("--protocol", type=click.Choice(["paper", "crd"]), default="paper", show_default=True,
+              help="Training schedule (SGD, momentum 0.9, weight decay 5e-4, batch 64, lr x0.1 at each "
+                   "milestone): paper = 100 epochs, lr 0.1, milestones 50/75/90; crd = the CRD/RepDistiller "
+                   "benchmark's 240 epochs, lr 0.05, milestones 150/180/210. --epochs (milestones scale "
+                   "with it), --lr and --batch-size override it.")
 @click.option("--epochs", type=int, default=None, help="Override the protocol's epochs.")
 @click.option("--beta", type=float, default=None, help="Weight of the distillation loss (SKD: 0.5).")
 @click.option("--temperature", default=1.0, show_default=True, help="SKD's τ dividing the cosines.")
 @click.option("--teacher-weights", default=None, type=click.Path(dir_okay=False), help="Teacher checkpoint (.pth).")
 @click.option("--teacher-vectors", default=None, type=click.Path(),
               help="The teacher's embedding.h5 or its run directory (for skd).")
-@click.option("--batch-size", "-b", type=int, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--workers", default=2, show_default=True)
-@_run_option
+@click.option("--batch-size", "-b", type=BATCH, default=None, help="Override the protocol's mini-batch size.")
+@click.option("--lr", type=float, default=None, help="Override the protocol's initial learning rate.")
+@click.option("--seed", default=0, show_default=True, help="Seed of every random draw: the student's initialisation, the data order, augmentation.")
+@click.option("--workers", type=WORKERS, default=2, show_default=True,
+              help="DataLoader worker processes (0: load in the main process).")
+@_distill_run_option
 @_device_option
 @_quiet_option
 def distill(teacher: str | None, student: str, method: str, data: str, protocol: str, epochs: int | None,
@@ -350,29 +413,49 @@ def distill(teacher: str | None, student: str, method: str, data: str, protocol:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``neurosem`` script."""
+    """Entry point of the ``neurosem`` script: every failure is one ``error:`` line on stderr.
+
+    Exit status: 2 for what the user can fix (a :class:`NeurosemError`, a bad option, a file that
+    cannot be read or written), 130 after Ctrl-C, 1 for an internal error.
+    """
+    args = list(argv) if argv is not None else sys.argv[1:]
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="neurosem", standalone_mode=False)
+        cli.main(args=args, prog_name="neurosem", standalone_mode=False)
     except NeurosemError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(str(exc), 2)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:
         # record has already said what it saved (click wraps Ctrl-C in Abort)
-        if not any(getattr(e, "reported", False) for e in (exc, exc.__cause__, exc.__context__)):
-            click.echo("interrupted: what was computed is saved; run the same command again to resume", err=True)
-        sys.exit(130)
+        if any(getattr(e, "reported", False) for e in (exc, exc.__cause__, exc.__context__)):
+            sys.exit(130)
+        command = next((a for a in args if not a.startswith("-")), "")
+        _fail(f"interrupted: {INTERRUPTED.get(command, 'nothing to resume; run the command again')}", 130,
+              prefix="")
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `neurosem` alone: the help, as click prints it
+            exc.show()
+            sys.exit(exc.exit_code)
+        where = exc.ctx.command_path if exc.ctx is not None else "neurosem"
+        _fail(f"{exc.format_message()} (see `{where} --help`)", exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _fail(exc.format_message(), exc.exit_code)
+    except OSError as exc:  # a path that cannot be read or written: the user's to fix
+        what = f"{exc.strerror or type(exc).__name__}: {exc.filename}" if exc.filename else str(exc)
+        _fail(f"{what}; check the path and its permissions", 2)
     except SystemExit:
         raise
-    except Exception as exc:  # noqa: BLE001 - last line of defence: stay one line, point at --debug
+    except Exception as exc:  # noqa: BLE001 - last line of defence: stay one line, point at NEUROSEM_DEBUG
         import os
 
         if os.environ.get("NEUROSEM_DEBUG"):
             raise
-        click.echo(f"error: {type(exc).__name__}: {exc} (set NEUROSEM_DEBUG=1 for the traceback)", err=True)
-        sys.exit(1)
+        text = " ".join(str(exc).split())
+        _fail(f"internal error, please report it: {type(exc).__name__}: {text} "
+              "(set NEUROSEM_DEBUG=1 for the traceback)", 1)
+
+
+def _fail(message: str, code: int, prefix: str = "error: ") -> None:
+    click.echo(f"{prefix}{message}", err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

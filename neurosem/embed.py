@@ -161,9 +161,12 @@ def check_finite(acts: "torch.Tensor", layer: str, start: int | None = None,
     where = f"image {bad} of this batch" if start is None else f"image {start + bad}"
     if image_ids is not None and start is not None and start + bad < len(image_ids):
         where += f" ({image_ids[start + bad]})"
+    if bool(torch.isnan(acts).any()) or acts.dtype != torch.float16:
+        raise NeurosemError(f"activations of layer {layer!r} are NaN/Inf at {where}: the model itself computes "
+                            "them; check the model and its weights, then record again with --force")
     raise NeurosemError(
-        f"activations of layer {layer!r} are NaN/Inf at {where}: check the model and its weights "
-        "(a float16 store overflows above 65504: use --no-store), then record again with --force")
+        f"activations of layer {layer!r} are Inf at {where}: beyond the float16 range (65504) of the store; "
+        "record them with `neurosem record ... --dtype float32 --force`, or use --no-store")
 
 
 class PbarAccumulator:

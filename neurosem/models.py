@@ -71,9 +71,12 @@ class LoadedModel:
     default_layers: list[str] = field(default_factory=list)
 
 
-def load_model(spec: str, weights: str = "default", num_classes: int | None = None,
+def load_model(spec: "str | nn.Module", weights: str = "default", num_classes: int | None = None,
                warn: bool = True) -> LoadedModel:
     """Build the model ``spec`` with ``weights`` (see the module docstring for both).
+
+    ``spec`` may also be an ``nn.Module`` built in Python: it is used as it is (``weights`` must be
+    ``"default"``), named ``<module.Class>`` and identified by the digest of its state dict.
 
     ``warn=False`` silences the random-weights warning (for listing layers, where it does not matter).
 
@@ -82,8 +85,14 @@ def load_model(spec: str, weights: str = "default", num_classes: int | None = No
         >>> lm.default_layers
         ['layer1', 'layer2', 'layer3', 'layer4']
     """
+    if not isinstance(spec, (str, Path)) and callable(getattr(spec, "named_modules", None)):
+        return _load_module(spec, str(weights if weights is not None else "default").strip())
     spec = str(spec).strip()
     weights = str(weights if weights is not None else "default").strip()
+
+    if spec.startswith("<") and spec.endswith(">"):
+        raise NeurosemError(f"{spec} was a model given from Python (an nn.Module), which a name cannot rebuild: "
+                            "pass the module itself again, e.g. neurosem.record.record(module, data, run=...)")
 
     if not spec:
         raise NeurosemError("empty model name: give a torchvision name (resnet18), a zoo name or file.py:factory")
@@ -176,7 +185,7 @@ def _load_torchvision(name: str, weights: str, num_classes: int | None, warn: bo
         if default_w is None:
             raise NeurosemError(f"torchvision has no pretrained weights for {name}: use --weights FILE or none")
         if num_classes is not None and num_classes != len(default_w.meta.get("categories", [])):
-            raise NeurosemError(f"--num-classes {num_classes} does not fit {default_w} "
+            raise NeurosemError(f"num_classes={num_classes} does not fit {default_w} "
                                 f"({len(default_w.meta.get('categories', []))} classes): use --weights FILE or none")
         model = _torchvision_pretrained(tv, name, default_w)
         desc = f"torchvision:{default_w}"
@@ -194,7 +203,7 @@ def _load_torchvision(name: str, weights: str, num_classes: int | None, warn: bo
             if zoo is None or name not in zoo[0]:
                 raise
             raise NeurosemError(f"{exc} (this is torchvision's {name}; for the CIFAR zoo model write "
-                                f"--model zoo:{name})") from None
+                                f"MODEL as zoo:{name})") from None
     model.eval()
     return LoadedModel(model=model, spec=name, weights=desc, mean=mean, std=std, input_size=input_size,
                        default_layers=default_layers(model, input_size))
@@ -232,7 +241,12 @@ def _torchvision_pretrained(tv: Any, name: str, w: Any) -> "nn.Module":
     cache = weights_cache_dir()
     cached = (cache / fname).is_file()
     try:
-        return tv.models.get_model(name, weights=w)  # loads from the cache, downloads otherwise
+        if cached:
+            return tv.models.get_model(name, weights=w)
+        from neurosem._download import HeldDownloadLine
+
+        with HeldDownloadLine().active():
+            return tv.models.get_model(name, weights=w)  # downloads into the cache
     except Exception as exc:
         if cached:
             raise NeurosemError(
@@ -371,7 +385,7 @@ def _load_factory(spec: str, weights: str, warn: bool = True) -> LoadedModel:
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = Path(target).expanduser()
         if not path.is_file():
-            raise NeurosemError(f"model file {path} not found (from --model {spec}); give path/to/file.py:factory")
+            raise NeurosemError(f"model file {path} not found (from MODEL {spec}); give path/to/file.py:factory")
         mod_name = f"neurosem_user_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]}"
         try:
             mod_spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -387,10 +401,10 @@ def _load_factory(spec: str, weights: str, warn: bool = True) -> LoadedModel:
             raise NeurosemError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
     else:
         try:
-            module = importlib.import_module(target)
+            module = _import_user_module(target)
         except ModuleNotFoundError as exc:
-            raise NeurosemError(f"cannot import module {target!r} (from --model {spec}): {exc}; "
-                                "check PYTHONPATH or give path/to/file.py:factory") from None
+            raise NeurosemError(f"cannot import module {target!r} (from MODEL {spec}): {exc}; it is looked up "
+                                "on PYTHONPATH and in the working directory; or give path/to/file.py:factory") from None
         except Exception as exc:
             raise NeurosemError(f"importing {target} failed: {type(exc).__name__}: {exc}") from exc
     factory = getattr(module, attr, None)
@@ -410,6 +424,8 @@ def _load_factory(spec: str, weights: str, warn: bool = True) -> LoadedModel:
         # What the factory built (its own weights, or its own random init): identified by content,
         # so a changed factory is never mistaken for the recorded one.
         desc = f"factory#{state_digest(model)}"
+        if warn:
+            _warn_unseeded(spec, factory, desc)
     elif weights == "none":
         _reset_parameters(model)
         _warn_random(spec, warn)
@@ -419,6 +435,56 @@ def _load_factory(spec: str, weights: str, warn: bool = True) -> LoadedModel:
     model.eval()
     input_size, layers = _probe_layers(model)
     return LoadedModel(model=model, spec=spec, weights=desc, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                       input_size=input_size, default_layers=layers)
+
+
+def _import_user_module(target: str) -> Any:
+    """``importlib.import_module(target)``, also finding modules of the working directory.
+
+    The ``neurosem`` script does not put the working directory on ``sys.path`` (``python -m``
+    does); it is appended (after the installed packages) when ``target`` is not found otherwise.
+    """
+    import os
+
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        top = target.split(".", 1)[0]
+        if exc.name != top or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(target)
+
+
+def _warn_unseeded(spec: str, factory: Any, desc: str) -> None:
+    """Warn when a second call of ``factory()`` builds other weights: a later stage could not rebuild the model."""
+    try:
+        again = factory()
+        same = f"factory#{state_digest(again)}" == desc
+    except Exception:  # the first call worked; a failing second one is not this check's business
+        return
+    if not same:
+        print(f"WARNING: {spec} builds different weights on every call (an unseeded random init?): "
+              "a later `dissect MODEL` or `embed MODEL` builds another model and refuses this run (give "
+              "them --run alone); seed it inside the factory (torch.manual_seed(0)) or save its weights and "
+              "pass --weights FILE", file=sys.stderr)
+
+
+def _load_module(model: "nn.Module", weights: str) -> LoadedModel:
+    """A LoadedModel for an ``nn.Module`` built in Python (used as it is, in eval mode)."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise NeurosemError(f"a {type(model).__name__} is not a torch.nn.Module: pass a model name or a module")
+    if weights != "default":
+        raise NeurosemError(f"weights={weights!r} cannot be applied to a model given as a module: load the "
+                            "weights into it first (model.load_state_dict(...)) and leave weights='default'")
+    cls = type(model)
+    model.eval()
+    input_size, layers = _probe_layers(model)
+    return LoadedModel(model=model, spec=f"<{cls.__module__}.{cls.__qualname__}>",
+                       weights=f"module#{state_digest(model)}", mean=IMAGENET_MEAN, std=IMAGENET_STD,
                        input_size=input_size, default_layers=layers)
 
 

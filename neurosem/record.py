@@ -320,6 +320,8 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
 
     if batch_size < 1:
         raise NeurosemError(f"--batch-size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise NeurosemError(f"--workers must be >= 0 (0: load in the main process), got {num_workers}")
     if dtype not in ("float16", "float32"):
         raise NeurosemError(f"unknown activation dtype {dtype!r}: use float16 or float32")
     lm = model if isinstance(model, LoadedModel) else load_model(model, weights)
@@ -327,7 +329,7 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
     mean = tuple(float(v) for v in (mean if mean is not None else lm.mean))
     std = tuple(float(v) for v in (std if std is not None else lm.std))
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise NeurosemError(f"--mean/--std need 3 values each, std > 0 (got mean={mean}, std={std})")
+        raise NeurosemError(f"mean and std need 3 values each, std > 0 (got mean={mean}, std={std})")
     ds, data_desc, fingerprint = open_data(data)
     n_images = len(ds) if limit is None else min(len(ds), int(limit))
     if n_images < 1:
@@ -389,6 +391,27 @@ def _record_locked(job: Job, force: bool, repair: bool) -> Path:
     return record_from(job, start)
 
 
+def _nonfinite_warning(path: Path, layers: Sequence[str], dtype: str) -> str:
+    """The warning for layers holding inf/NaN: NaN comes from the model, inf from float16 overflow."""
+    import numpy as np
+
+    from neurosem.store import ActivationStore
+
+    with ActivationStore.open(path) as st:
+        nan = [name for name in layers
+               if any(bool(np.isnan(b[name]).any()) for _, b in st.iter_batches([name], prefetch=0))]
+    inf = [name for name in layers if name not in nan]
+    parts = []
+    if nan:
+        parts.append(f"layers {', '.join(nan)} hold NaN values in {path}: the model itself computes NaN "
+                     "(check the model and its weights)")
+    if inf:
+        why = ("beyond the float16 range (65504): record with --dtype float32 --force" if dtype == "float16"
+               else "the model itself computes inf (check the model and its weights)")
+        parts.append(f"layers {', '.join(inf)} hold inf values in {path}: {why}")
+    return "WARNING: " + "; ".join(parts)
+
+
 def _weights_arg(desc: str) -> str:
     """The ``weights`` argument that reloads a LoadedModel's weights (from its description)."""
     if desc.startswith("file:"):
@@ -437,6 +460,7 @@ def ensure_activations(run: "str | Path | None", model: "str | LoadedModel | Non
         if "mean" not in kw and "std" not in kw and same_model:
             tf = prov.get("transform") or {}
             kw["mean"], kw["std"] = tf.get("mean"), tf.get("std")
+        kw.setdefault("dtype", prov.get("dtype") or "float16")  # a float32 store is read as it is
     if model is None or data is None:
         raise NeurosemError(f"no activations in {rd.path}: pass MODEL and --data to record them "
                             f"(or run `neurosem record MODEL --data PATH --run {rd.path}`)")

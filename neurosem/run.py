@@ -152,10 +152,14 @@ class RunDir:
         if not self.meta_file.exists():
             return {}
         try:
-            return json.loads(self.meta_file.read_text())
+            meta = json.loads(self.meta_file.read_text())
         except json.JSONDecodeError as exc:
             raise NeurosemError(
                 f"{self.meta_file} is not valid JSON ({exc.msg}); fix or delete it") from None
+        if not isinstance(meta, dict):
+            raise NeurosemError(f"{self.meta_file} holds a JSON {type(meta).__name__}, not an object "
+                                "({\"record\": ...}); fix or delete it")
+        return meta
 
     def update_meta(self, section: str, values: dict[str, Any]) -> None:
         """Replace ``run.json[section]`` with ``values`` (atomically) and record the command line."""
@@ -177,9 +181,23 @@ class RunDir:
 
 
 def default_run_name(model: str) -> str:
-    """``runs/<name>`` for a model spec: ``resnet18`` or the factory name of ``file.py:factory``."""
-    name = model.rsplit(":", 1)[-1] if ":" in model and not model.startswith(("cifar", "/")) else model
-    name = Path(name).stem if name.endswith(".py") else name
+    """``runs/<name>`` for a model spec.
+
+    ``resnet18``, ``zoo:resnet8x4`` -> the model name; ``path/my_net.py:build`` and
+    ``pkg.my_net:build`` -> the file's name ``my_net``; ``<pkg.mod.Net>`` (a module given from
+    Python) -> the class name ``Net``.
+    """
+    kind, sep, rest = model.partition(":")
+    if model.startswith("<") and model.endswith(">"):
+        name = model[1:-1].rsplit(".", 1)[-1]
+    elif sep and kind in ("zoo", "cifar", "tv", "torchvision"):
+        name = rest
+    elif ":" in model:
+        target = model.rpartition(":")[0]
+        name = Path(target).stem if target.endswith(".py") or "/" in target or "\\" in target \
+            else target.rsplit(".", 1)[-1]
+    else:
+        name = model
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "run"
 
 

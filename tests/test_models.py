@@ -344,3 +344,112 @@ def test_layer_table(capsys):
 def test_a_model_file_without_factory_says_to_name_it():
     with pytest.raises(NeurosemError, match=r"model models/net.py: name the function that builds it, e.g. models/net.py:build"):
         load_model("models/net.py")
+
+
+# ---------------------------------------------------------------- own models: import path, warnings, modules
+def test_factory_module_in_the_working_directory(tmp_path, monkeypatch):
+    """``neurosem layers mymodel:make`` from the folder holding mymodel.py (the script does not put
+    the working directory on sys.path; ``python -m`` does)."""
+    (tmp_path / "nsm_cwd_model.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def make():\n    torch.manual_seed(0)\n    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU())\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "nsm_cwd_model", raising=False)
+    lm = load_model("nsm_cwd_model:make")
+    assert isinstance(lm.model, nn.Sequential) and sys.path[-1] == str(tmp_path)
+    monkeypatch.delitem(sys.modules, "nsm_cwd_model", raising=False)
+    with pytest.raises(NeurosemError, match=r"cannot import module 'nsm_nowhere_xyz' \(from MODEL "
+                                            r"nsm_nowhere_xyz:make\): .*in the working directory"):
+        load_model("nsm_nowhere_xyz:make")
+
+
+def test_messages_name_MODEL_not_a_missing_option():
+    with pytest.raises(NeurosemError) as err:
+        load_model("nowhere/net.py:build")
+    assert str(err.value) == "model file nowhere/net.py not found (from MODEL nowhere/net.py:build); " \
+                             "give path/to/file.py:factory"
+    import inspect
+
+    import neurosem.models as models
+
+    for fn in (models._load_factory, models._load_torchvision, models._import_user_module):
+        assert "--model" not in inspect.getsource(fn)
+
+
+def test_unseeded_factory_warns_at_load(tmp_path, capsys):
+    path = tmp_path / "unseeded.py"
+    path.write_text("from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU())\n")
+    load_model(f"{path}:make")
+    err = capsys.readouterr().err
+    assert err.startswith(f"WARNING: {path}:make builds different weights on every call (an unseeded random init?)")
+    assert "--weights FILE" in err and len(err.strip().splitlines()) == 1
+    load_model(f"{path}:make", warn=False)                  # neurosem layers: no warning
+    load_model(f"{PLANTED}:tiny_cnn")                        # a seeded factory: no warning
+    assert capsys.readouterr().err == ""
+
+
+def test_a_module_is_accepted_as_it_is(capsys):
+    model = TinyCNN()
+    lm = load_model(model)
+    assert lm.model is model and not model.training
+    assert lm.spec == f"<{TinyCNN.__module__}.TinyCNN>" and lm.weights == f"module#{state_digest(TinyCNN())}"
+    assert lm.default_layers == ["layer1", "layer2"] and lm.input_size == (3, 224, 224)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(NeurosemError, match=r"weights='none' cannot be applied to a model given as a module"):
+        load_model(TinyCNN(), weights="none")
+    with pytest.raises(NeurosemError) as err:
+        load_model(lm.spec)
+    assert str(err.value).startswith(f"{lm.spec} was a model given from Python (an nn.Module), which a name "
+                                     "cannot rebuild: pass the module itself again")
+
+
+def test_record_takes_a_module(tmp_path, tiny_broden, monkeypatch, capsys):
+    from neurosem.record import record
+    from neurosem.store import ActivationStore
+
+    monkeypatch.chdir(tmp_path)
+    path = record(TinyCNN(), str(tiny_broden), layers="layer2", progress=False)
+    assert path == Path("runs/TinyCNN/activations.h5")
+    with ActivationStore.open(path) as st:
+        assert st.complete and st.shape("layer2") == (12, 8, 8, 8)
+    assert "unknown model" not in capsys.readouterr().err
+
+
+def test_factory_runs_are_named_by_their_file(tmp_path, tiny_broden, monkeypatch):
+    from neurosem.record import record
+
+    monkeypatch.chdir(tmp_path)
+    path = record(f"{PLANTED}:tiny_cnn", str(tiny_broden), layers="layer1", progress=False)
+    assert path == Path("runs/_planted/activations.h5")
+
+
+def test_offline_download_shows_only_the_error(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "urlopen", offline)
+    with pytest.raises(NeurosemError, match=r"default weights for resnet18 are not cached and could not be "
+                                            r"downloaded \(URLError\)"):
+        load_model("resnet18")
+    out, err = capsys.readouterr()
+    assert "Downloading" not in out + err
+
+
+def test_download_line_goes_to_stderr_once_the_download_runs(capsys):
+    from neurosem._download import HeldDownloadLine
+
+    with HeldDownloadLine().active():
+        sys.stdout.write('Downloading: "u" to f\n')
+        assert capsys.readouterr() == ("", "")             # held back until the download shows progress
+        sys.stderr.write("bar 10%")
+        print("other output")
+    assert capsys.readouterr() == ("other output\n", 'Downloading: "u" to f\nbar 10%')
+    with HeldDownloadLine().active():                     # no progress at all: written at the end
+        sys.stdout.write('Downloading: "u" to f\n')
+    assert capsys.readouterr() == ("", 'Downloading: "u" to f\n')

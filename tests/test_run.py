@@ -8,8 +8,11 @@ from neurosem.run import RunDir, default_run_name, resolve_run
 
 def test_default_run_names():
     assert default_run_name("resnet18") == "resnet18"
-    assert default_run_name("models/my_net.py:build") == "build"
-    assert default_run_name("pkg.mod:factory") == "factory"
+    assert default_run_name("models/my_net.py:build") == "my_net"    # the file's name, not the factory's
+    assert default_run_name("/abs/other.py:build") == "other"
+    assert default_run_name("pkg.mod:factory") == "mod"
+    assert default_run_name("zoo:resnet8x4") == "resnet8x4"
+    assert default_run_name("<tests._planted.TinyCNN>") == "TinyCNN"  # a module given from Python
 
 
 def test_update_meta_keeps_sections_and_commands(tmp_path):
@@ -39,3 +42,10 @@ def test_corrupt_run_json_is_one_line(tmp_path):
     run.meta_file.write_text("{not json")
     with pytest.raises(NeurosemError, match="not valid JSON"):
         run.read_meta()
+
+
+def test_run_json_that_is_not_an_object_is_one_line(tmp_path):
+    run = RunDir(tmp_path).ensure()
+    run.meta_file.write_text("[1, 2]")
+    with pytest.raises(NeurosemError, match=r"run.json holds a JSON list, not an object .*; fix or delete it"):
+        run.update_meta("record", {})

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from neurosem.analysis.kl import format_kl_table, kl_curves
-from neurosem.analysis.query import (expression, format_table, load_run_dissection, parse_query, query, run_dir,
-                                     unit_info)
+from neurosem.analysis.query import (expression, format_table, load_run_dissection, load_run_embedding,
+                                     parse_query, query, run_dir, unit_info)
+from neurosem.errors import NeurosemError
 from neurosem.run import RunDir
 
 
@@ -30,6 +31,11 @@ def kl_report(run: Any = None, layer: str | None = None, as_json: bool = False,
     from neurosem.analysis.figures import kl_figure
 
     rd = run_dir(run)
+    if layer and layer != "mean":  # refused before anything is computed or written
+        dissected = load_run_dissection(rd, required_for="kl").layers
+        names = [n for n in load_run_embedding(rd).layers if n in dissected]
+        if layer not in names:
+            raise NeurosemError(f"no KL curve for layer {layer!r}: choose one of {', '.join(names)}, or mean")
     result = kl_curves(rd, progress=progress)
     fig = kl_figure(result, layers=[layer] if layer else None)
     paths = save_figure(fig, rd.figures / "kl_curves", formats, dpi=dpi)

@@ -493,3 +493,27 @@ def write_synthetic_broden(root: str | Path, n_images: int = 48, image_size: int
         label_categories={k: list(v) for k, v in label_cats.items()}, colors=dict(COLORS),
         material_rgb=dict(MATERIAL_RGB), images=images, frequency=freq, coverage=cov,
         primary=primary)
+
+
+def synth(out: str | Path, n_images: int = 384, image_size: int = 64, seg_size: int = 32, seed: int = 0,
+          force: bool = False) -> str:
+    """``neurosem synth OUT``: write the synthetic set into an empty (or new) folder; returns what to print.
+
+    The defaults are the quickstart's. A folder that already holds files is refused unless
+    ``force`` (the set's files are then overwritten; other files stay).
+
+    Example:
+        >>> print(synth("data/synthetic", n_images=8))  # doctest: +SKIP
+        synthetic Broden set: data/synthetic (8 images of 64x64, label maps 32x32, 34 labels in 6 categories, seed 0)
+        next: neurosem dissect MODEL --broden data/synthetic
+    """
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise NeurosemError(f"{root} is a file: give a folder for the synthetic set")
+    if root.is_dir() and any(root.iterdir()) and not force:
+        raise NeurosemError(f"{root} is not empty: choose a new folder, or pass --force to overwrite the "
+                            "synthetic set's files in it")
+    info = write_synthetic_broden(root, n_images=n_images, image_size=image_size, seg_size=seg_size, seed=seed)
+    return (f"synthetic Broden set: {root} ({info.n_images} images of {image_size}x{image_size}, label maps "
+            f"{seg_size}x{seg_size}, {len(info.labels)} labels in {len(info.categories)} categories, seed {seed})\n"
+            f"next: neurosem dissect MODEL --broden {root}")
