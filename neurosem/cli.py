@@ -235,26 +235,46 @@ def record(model: str, data: str, layers: tuple[str, ...], run: str | None, weig
 @click.option("--categories", multiple=True, metavar="NAMES", help="Only these categories (comma-separated).")
 @click.option("--batch-size", "-b", default=64, show_default=True,
               help="Images per batch when recording and tallying (the results do not depend on it).")
+@click.option("--top", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Images per unit in the HTML report (those with the largest masks).")
+@click.option("--no-report", is_flag=True, help="Skip the HTML report and the summary figure (the CSV and JSON are written).")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="CPU threads [default: the idle cores, i.e. the CPU count minus the load average]. On a "
+                   "machine shared with other jobs, --threads 1 is never slower than a crowded core.")
+@click.option("--label-cache", default=None, metavar="DIR|none",
+              help="Where the decoded Broden labels are kept [default: $NEUROSEM_CACHE_DIR, else "
+                   "~/.cache/neurosem]; 'none' decodes the label PNGs on every run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary (counts per layer and category, files) as JSON.")
 @_device_option
 @_quiet_option
 def dissect(model: str | None, broden: str, run: str | None, layers: tuple[str, ...], weights: str,
             quantile: float, iou_threshold: float, categories: tuple[str, ...], batch_size: int,
+            top: int, no_report: bool, threads: int | None, label_cache: str | None, as_json: bool,
             device: str, quiet: bool) -> None:
     """NetDissect: IoU of every unit against every Broden concept.
 
     Records the activations first when the run has none. Writes dissect.h5, dissect/<layer>.csv,
-    dissect/summary.json, dissect/index.html and a summary figure.
+    dissect/summary.json, dissect/index.html and a summary figure. The label PNGs are decoded once
+    per Broden directory (the label cache); later dissections of any model read that.
 
     \b
-    Example:
+    Examples:
       neurosem dissect resnet18 --broden data/broden1_224 --layers layer4
+      neurosem dissect --run runs/resnet18 --broden data/broden1_224 --no-report --json
+      neurosem dissect --run runs/resnet18 --broden data/broden1_224 --threads 1   (a busy machine)
     """
     from neurosem.dissect import dissect as run_dissect
 
     result = run_dissect(run=run, broden=broden, model=model, layers=_split(layers), quantile=quantile,
                          iou_threshold=iou_threshold, categories=_split(categories), device=device,
-                         batch_size=batch_size, weights=weights, progress=not quiet)
-    click.echo(str(result))
+                         batch_size=batch_size, weights=weights, progress=not quiet, top=top,
+                         report=not no_report, threads=threads, label_cache=label_cache)
+    if as_json:
+        from neurosem.dissect.report import summary_json
+
+        click.echo(summary_json(result))
+    else:
+        click.echo(str(result))
 
 
 @cli.command(context_settings=CONTEXT, short_help="Learn a semantic vector per neuron (paper eq. 1).")

@@ -9,6 +9,18 @@ import pytest
 os.environ.setdefault("NEUROSEM_NO_PROGRESS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _label_cache_dir(tmp_path_factory):
+    """The label cache of every test run in a fresh folder (never the user's ~/.cache)."""
+    old = os.environ.get("NEUROSEM_CACHE_DIR")
+    os.environ["NEUROSEM_CACHE_DIR"] = str(tmp_path_factory.mktemp("neurosem-cache"))
+    yield
+    if old is None:
+        os.environ.pop("NEUROSEM_CACHE_DIR", None)
+    else:
+        os.environ["NEUROSEM_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def synthetic_broden(tmp_path_factory) -> Path:
     """A small synthetic Broden-format set (48 images, 64x64 images, 32x32 label maps)."""

@@ -124,7 +124,7 @@ def test_internal_error_is_one_line_with_exit_1(capsys, monkeypatch):
     (["dissect", "--broden", "b"], "neurosem.dissect.dissect",
      "interrupted: the dissection is not saved: it starts over when you run the same command again (the "
      "run's activations are kept, and an unfinished recording resumes)"),
-    (["kl"], "neurosem.analysis.kl.kl_report", "interrupted: nothing to resume; run the command again"),
+    (["kl"], "neurosem.analysis.commands.kl_report", "interrupted: nothing to resume; run the command again"),
 ])
 def test_interrupt_says_what_really_is_kept(capsys, monkeypatch, command, target, says):
     module, _, name = target.rpartition(".")

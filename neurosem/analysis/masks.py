@@ -198,13 +198,22 @@ def read_maps(store: Any, layer: str, units: Sequence[int], rows: Sequence[int])
 def mask_panels(rd: "RunDir", units: Sequence[NeuronId], image_unit: NeuronId, n_images: int = 4,
                 store: Any = None, rows: Sequence[int] | None = None) -> Panels:
     """Maps and the dissection's masks of ``units`` on the ``n_images`` images where ``image_unit``
-    activates most (``rows``: those store rows, when already known)."""
+    activates most (``rows``: those store rows, when already known). The images are the
+    dissection's top images of ``image_unit`` (the report's: ranked by mask size) when it holds
+    ``n_images`` of them, else those of its largest activations."""
     from neurosem.analysis.query import load_run_dissection
 
+    dissection = load_run_dissection(rd)
     own = store is None
     store = open_store(rd) if own else store
     try:
         layer = image_unit.layer
+        if rows is None and dissection is not None and layer in dissection.layers:
+            top_i, _ = dissection.top_images(layer)
+            chosen = [int(i) for i in top_i[image_unit.index] if 0 <= i < store.n_done] \
+                if image_unit.index < top_i.shape[0] else []
+            if len(chosen) >= n_images:
+                rows = chosen[:n_images]
         rows = list(rows) if rows is not None else top_images(store, layer, image_unit.index, n_images)
         ids = [store.image_ids[r] for r in rows]
         raw = read_maps(store, layer, [u.index for u in units], rows)          # [U, I, h, w]
@@ -213,7 +222,6 @@ def mask_panels(rd: "RunDir", units: Sequence[NeuronId], image_unit: NeuronId, n
         if own:
             store.close()
     notes = []
-    dissection = load_run_dissection(rd)
     size = label_size(dissection) if dissection is not None and layer in dissection.layers else None
     if size is not None:
         thr_all = np.asarray(dissection.threshold(layer, exact=True), dtype=np.float64)

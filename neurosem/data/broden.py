@@ -359,7 +359,7 @@ class BrodenDataset:
             raise DataError(f"{index} line {line} ({image}), column {column}: {rel!r} points outside "
                             f"the Broden directory {self.root}; entries are paths relative to its images/")
 
-    def _open(self, rel: str, what: str, line: int) -> Any:
+    def _open(self, rel: str, what: str, line: int, draft: tuple[int, int] | None = None) -> Any:
         from neurosem.data.transforms import read_image
 
         path = self.root / "images" / rel
@@ -367,16 +367,17 @@ class BrodenDataset:
         if not any(real == b or real.startswith(b.rstrip(os.sep) + os.sep) for b in self._real_bases):
             raise DataError(f"{path}: {what} resolves to {real}, outside the Broden directory {self.root} "
                             f"(listed in index.csv line {line}); keep the files inside it (no symlinks out)")
-        return read_image(path, what, f"{what} missing (listed in index.csv line {line})")
+        return read_image(path, what, f"{what} missing (listed in index.csv line {line})", draft=draft)
 
-    def load_image(self, i: int) -> Any:
-        """The PIL RGB image of item ``i`` (no transform)."""
+    def load_image(self, i: int, draft: tuple[int, int] | None = None) -> Any:
+        """The PIL RGB image of item ``i`` (no transform); with ``draft``, a JPEG may come at a
+        reduced scale of at least that size (for thumbnails)."""
         it = self._items[i]
-        img = self._open(it.image, "image", it.row)
+        img = self._open(it.image, "image", it.row, draft=draft)
         if img.mode != "RGB":
             img = img.convert("RGB")
         ih, iw = self.image_size
-        if img.size != (iw, ih):
+        if draft is None and img.size != (iw, ih):
             raise DataError(f"{self.root / 'images' / it.image}: image is {img.size[1]}x"
                             f"{img.size[0]}, index.csv line {it.row} says {ih}x{iw}")
         return img

@@ -164,10 +164,11 @@ def item_index(i: int, n: int) -> int:
     return int(i) % n
 
 
-def read_image(path: Any, what: str, missing: str, hint: str = "") -> Any:
+def read_image(path: Any, what: str, missing: str, hint: str = "", draft: tuple[int, int] | None = None) -> Any:
     """Decode the image file ``path`` fully (no file handle outlives the call) into a PIL image.
 
-    A missing file is ``DataError("{path}: {missing}")``, an undecodable one
+    ``draft``: a JPEG may be decoded directly at a reduced scale of at least this size (PIL's
+    ``draft``; thumbnails). A missing file is ``DataError("{path}: {missing}")``, an undecodable one
     ``DataError("{path}: cannot decode {what} (...){hint}")``.
     """
     from PIL import Image, UnidentifiedImageError
@@ -177,6 +178,8 @@ def read_image(path: Any, what: str, missing: str, hint: str = "") -> Any:
     try:
         with open(path, "rb") as fh:
             img = Image.open(fh)
+            if draft is not None and img.format == "JPEG":
+                img.draft("RGB", draft)
             img.load()
     except FileNotFoundError:
         raise DataError(f"{path}: {missing}") from None

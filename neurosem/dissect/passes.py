@@ -95,7 +95,8 @@ def auto_threads() -> int:
 
 
 def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: float, engine: str,
-               device: Any, batch_size: int, top_k: int, progress: bool) -> dict[str, LayerPass]:
+               device: Any, batch_size: int, top_k: int, progress: bool,
+               timings: dict[str, float] | None = None) -> dict[str, LayerPass]:
     """Both passes over ``names`` of ``store``; see the module docstring.
 
     Args:
@@ -108,7 +109,10 @@ def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: 
         batch_size: images per batch.
         top_k: top images kept per unit.
         progress: progress bars.
+        timings: filled with the seconds of each pass (``thresholds``, ``tally``) when given.
     """
+    import time
+
     from neurosem._progress import progress as bar
     from neurosem.dissect.tally import tally_result
     from neurosem.dissect.topmaps import TopMaps
@@ -120,11 +124,15 @@ def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: 
     k_cat = len(ds.categories)
     primary = np.asarray(ds.primary_category, dtype=np.int64)
     tops = {name: TopMaps(shapes[name][1], top_k, shapes[name][2:], np.dtype(store.dtype)) for name in names}
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
     if engine == "cpu":
         thresholds = _thresholds_cpu(store, names, shapes, quantile, n, batch_size, n_batches, progress)
     else:
         thresholds = _thresholds_torch(store, names, shapes, quantile, n, batch_size, n_batches, device,
                                        progress)
+    timings["thresholds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     gt = np.zeros(primary.shape[0], dtype=np.int64)
     it = bar(store.iter_batches(list(names), batch_size), total=n_batches, desc="dissect: IoU",
              enabled=progress, unit="batch")
@@ -165,6 +173,7 @@ def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: 
                     tops[name].add(start, t.last_sizes.view(b, c).cpu().numpy(),
                                    t.last_maxes.double().cpu().numpy(), batch[name])
         results = {name: tallies[name].result() for name in names}
+    timings["tally"] = time.perf_counter() - t0
     return {name: LayerPass(threshold=thresholds[name], result=results[name], top=tops[name].result())
             for name in names}
 
@@ -181,7 +190,8 @@ def _thresholds_cpu(store: Any, names: Sequence[str], shapes: dict, quantile: fl
     else:
         out = {}
     if f16:
-        fq = {name: F16Quantile(shapes[name][1], quantile) for name in f16}
+        fq = {name: F16Quantile(shapes[name][1], quantile, total=n * shapes[name][2] * shapes[name][3])
+              for name in f16}
         for _, batch in bar(store.iter_batches(f16, batch_size), total=n_batches, desc="dissect: thresholds",
                             enabled=progress, unit="batch"):
             for name in f16:

@@ -21,6 +21,7 @@ import html
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -141,6 +142,7 @@ class Dissection:
 
         self.path = Path(path)
         self.outputs: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}   # seconds per stage, set by dissect()
         try:
             with h5py.File(self.path, "r") as f:
                 if f.attrs.get("format") not in (FORMAT, None):
@@ -328,6 +330,11 @@ def summary_dict(dis: Dissection, n_top: int = 10) -> dict[str, Any]:
     return out
 
 
+def summary_json(dis: Dissection) -> str:
+    """``neurosem dissect --json``: :func:`summary_dict` plus the files written."""
+    return json.dumps({**summary_dict(dis), "outputs": dis.outputs}, indent=2)
+
+
 def write_summary(path: Path, dis: Dissection) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -383,25 +390,67 @@ _OVERLAY_ALPHA = bytes([0, 170, 255])
 
 
 def mask_overlay(mask: np.ndarray) -> np.ndarray:
-    """``bool [h, w]`` -> ``uint8 [h, w]`` overlay indices: 0 inside the mask, 1 outside (a dark
-    veil), 2 on the mask's edge (yellow)."""
+    """``bool [..., h, w]`` -> ``uint8 [..., h, w]`` overlay indices: 0 inside the mask, 1 outside
+    (a dark veil), 2 on the mask's edge (yellow)."""
     m = np.asarray(mask, dtype=bool)
     out = np.where(m, 0, 1).astype(np.uint8)
-    pad = np.pad(m, 1, mode="edge")
-    edge = m & ~(pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:])
+    pad = np.pad(m, [(0, 0)] * (m.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
+    edge = m & ~(pad[..., :-2, 1:-1] & pad[..., 2:, 1:-1] & pad[..., 1:-1, :-2] & pad[..., 1:-1, 2:])
     out[edge] = 2
     return out
 
 
+def _overlay_uris(masks: Sequence[np.ndarray]) -> list[str]:
+    """:func:`overlay_data_uri` of many masks of one size (the overlays computed at once)."""
+    if not len(masks):
+        return []
+    over = mask_overlay(np.stack(masks))
+    return ["data:image/png;base64," + base64.b64encode(palette_png(o, _OVERLAY_PALETTE, _OVERLAY_ALPHA)).decode("ascii")
+            for o in over]
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def palette_png(indices: np.ndarray, palette: Sequence[int], alpha: bytes, bits: int = 2) -> bytes:
+    """A palette PNG (``bits`` per pixel, with transparency) of ``indices: uint8 [h, w]``, written
+    directly (no PIL: a few tens of microseconds for a mask).
+
+    Example:
+        >>> from PIL import Image; import io
+        >>> png = palette_png(np.array([[0, 1, 2]], np.uint8), _OVERLAY_PALETTE, _OVERLAY_ALPHA)
+        >>> np.asarray(Image.open(io.BytesIO(png))).tolist()
+        [[0, 1, 2]]
+    """
+    idx = np.asarray(indices, dtype=np.uint8)
+    h, w = idx.shape
+    per = 8 // bits
+    padded = np.zeros((h, -(-w // per) * per), dtype=np.uint8)
+    padded[:, :w] = idx
+    groups = padded.reshape(h, -1, per)
+    packed = np.zeros(groups.shape[:2], dtype=np.uint8)
+    for k in range(per):
+        packed |= groups[:, :, k] << (8 - bits * (k + 1))
+    raw = np.concatenate([np.zeros((h, 1), dtype=np.uint8), packed], 1).tobytes()   # filter 0 per row
+    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([bits, 3, 0, 0, 0])
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"PLTE", bytes(palette))
+            + _chunk(b"tRNS", alpha) + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b""))
+
+
 def overlay_data_uri(mask: np.ndarray) -> str:
     """The mask overlay as a palette PNG with transparency (a few hundred bytes)."""
+    png = palette_png(mask_overlay(mask), _OVERLAY_PALETTE, _OVERLAY_ALPHA)
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def jpeg_data_uri(arr: np.ndarray, quality: int = 88) -> str:
+    """``uint8 [H, W, 3]`` -> ``data:image/jpeg;base64,...`` (the report's thumbnails)."""
     from PIL import Image
 
-    img = Image.fromarray(mask_overlay(mask), mode="P")
-    img.putpalette(_OVERLAY_PALETTE)
     buf = io.BytesIO()
-    img.save(buf, format="PNG", transparency=_OVERLAY_ALPHA, bits=2)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 _CSS = """
@@ -444,7 +493,7 @@ def write_layer_html(path: Path, dis: Dissection, layer: str, thumbs: dict[int, 
     best, best_iou = dis.best(layer)
     keep = dis.interpretable(layer)
     counts = dis.counts(layer)
-    styles = [f".i{i}{{background-image:url({png_data_uri(t, 256)})}}" for i, t in sorted(thumbs.items())]
+    styles = [f".i{i}{{background-image:url({jpeg_data_uri(t)})}}" for i, t in sorted(thumbs.items())]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>neurosem dissection: {html.escape(layer)}</title>",
@@ -454,20 +503,22 @@ def write_layer_html(path: Path, dis: Dissection, layer: str, thumbs: dict[int, 
         f"<p>{int(keep.sum())} of {len(best)} units are interpretable (best IoU &ge; {dis.iou_threshold:g}); "
         f"quantile {dis.args.get('quantile', '?')}, run {html.escape(str(dis.path.parent))}.</p>",
         _counts_table([(html.escape(layer), counts, int(keep.sum()), len(best))], dis.categories),
-        "<p class='note'>Each unit: its best label, category and IoU, then its top-activating images; "
-        "the region outside the thresholded mask is darkened, the mask edge is yellow.</p>",
+        "<p class='note'>Each unit: its best label, category and IoU, then the images where its mask is "
+        "largest (the mask: the unit's map upsampled to the label size and thresholded, exactly as the "
+        "IoU counts it); outside the mask the image is darkened, the mask edge is yellow.</p>",
     ]
     order = np.argsort(-best_iou, kind="stable")
+    uris = iter(_overlay_uris([m for u in order for m in tiles[u].masks]))
     for u in order:
         label, cat, iou = dis.unit_label(layer, int(u))
         cls = "unit" if keep[u] else "unit dim"
         parts.append(f"<div class='{cls}' id='u{u}'><div class='cap'><b>unit {u}</b> &middot; "
                      f"{html.escape(label)} ({html.escape(cat)}) &middot; IoU <span class='iou'>{iou:.3f}</span></div>")
         t = tiles[u]
-        for img, mask in zip(t.images, t.masks):
+        for img in t.images:
             title = html.escape(image_ids[img]) if 0 <= img < len(image_ids) else str(img)
             parts.append(f"<span class='tile i{img}' title='{title}' style='width:{thumb_px}px;height:{thumb_px}px'>"
-                         f"<img alt='' src='{overlay_data_uri(mask)}'></span>")
+                         f"<img alt='' src='{next(uris)}'></span>")
         parts.append("</div>")
     parts.append("</body></html>")
     path = Path(path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -99,6 +100,47 @@ def _key(args: dict[str, Any]) -> dict[str, Any]:
 def _describe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     diffs = [f"{k}: {str(old.get(k))[:60]} vs {str(new.get(k))[:60]}" for k in new if old.get(k) != new.get(k)]
     return "; ".join(diffs)
+
+
+class _Warmup:
+    """Load the compiled kernels (and, for the report, matplotlib) in background threads."""
+
+    def __init__(self, report: bool) -> None:
+        import threading
+
+        self._k = threading.Thread(target=self._load_kernels, daemon=True)
+        self._m = threading.Thread(target=self._load_matplotlib, daemon=True) if report else None
+        self._k.start()
+
+    @staticmethod
+    def _load_kernels() -> None:
+        try:
+            from neurosem.dissect._kernels import warm_up
+
+            warm_up()
+        except Exception:  # noqa: BLE001 - the real call reports any problem
+            pass
+
+    @staticmethod
+    def _load_matplotlib() -> None:
+        try:
+            import matplotlib.backends.backend_agg  # noqa: F401
+            import matplotlib.figure  # noqa: F401
+        except Exception:  # noqa: BLE001
+            pass
+
+    def kernels(self) -> None:
+        """Wait for the kernels; then start loading matplotlib (it runs while the kernels do)."""
+        self._k.join()
+        if self._m is not None and not self._m.is_alive():
+            self._m.start()
+
+    def join(self) -> None:
+        self._k.join()
+        if self._m is not None:
+            if not self._m.is_alive() and self._m.ident is None:
+                self._m.start()
+            self._m.join()
 
 
 def _maybe_accelerator() -> bool:
@@ -206,6 +248,7 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
     from neurosem.run import resolve_run
     from neurosem.store import ActivationStore
 
+    timings: dict[str, float] = {}
     _check_args(quantile, iou_threshold, batch_size)
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or int(top) < 1:
         raise NeurosemError(f"--top {top}: the number of images per unit must be >= 1 (default {TOP_IMAGES})")
@@ -213,6 +256,9 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
     if isinstance(layers, str):
         layers = [x.strip() for x in layers.split(",") if x.strip()]
     layers = list(layers) if layers else None
+    # the compiled kernels and matplotlib load in the background while the data is opened and
+    # while the kernels run (they release the GIL)
+    warm = _Warmup(report)
     ds = _open_broden(broden, categories)
     engine, dev = choose_engine(device)
     n_threads = _set_threads(threads, engine)
@@ -262,8 +308,12 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
         computed: dict[str, Any] = {}
         labels = None
         if todo:
-            passes = run_passes(store, todo, _labels(ds, label_cache, progress), quantile, engine, dev,
-                                batch_size, top, progress)
+            t0 = time.perf_counter()
+            source = _labels(ds, label_cache, progress)
+            timings["labels"] = time.perf_counter() - t0
+            warm.kernels()
+            passes = run_passes(store, todo, source, quantile, engine, dev, batch_size, top, progress,
+                                timings=timings)
             k_cat = len(ds.categories)
             for name in todo:
                 res = passes[name].result
@@ -295,9 +345,14 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
                          ds.categories, all_layers)
 
     dis = load_dissection(rd.dissection)
+    t0 = time.perf_counter()
+    warm.join()
     outputs = _write_reports(rd, dis, ds, engine, dev, report, progress)
+    timings["reports"] = time.perf_counter() - t0
+    dis.timings = {k: round(v, 4) for k, v in timings.items()}
     dis.outputs = {"dissection": str(rd.dissection), **outputs}
     rd.update_meta("dissect", {**args, "device": str(dev), "engine": engine, "threads": n_threads,
+                               "seconds": dis.timings,
                                "batch_size": int(batch_size), "outputs": dis.outputs})
     return dis
 
@@ -355,7 +410,7 @@ def _write_reports(rd: Any, dis: Any, ds: Any, engine: str, device: Any, report:
     outputs: dict[str, Any] = {"csv": csvs, "summary": str(summary)}
     if not report:
         return outputs
-    figures = write_summary_figure(rd.figures / "dissect_summary", dis)
+    figures = write_summary_figure(rd.figures / "dissect_summary", dis, formats=("pdf", "png"))
     thumb_px = int(min(112, ds.image_size[0], ds.image_size[1]))
     thumbs: dict[int, np.ndarray] = {}
     pages = {}
@@ -387,7 +442,11 @@ def _write_reports(rd: Any, dis: Any, ds: Any, engine: str, device: Any, report:
 def _thumbnail(ds: Any, i: int, px: int) -> np.ndarray:
     from PIL import Image
 
-    img = ds.load_image(i)
+    img = ds.load_image(i, draft=(px, px))
     if img.size != (px, px):
-        img = img.resize((px, px), Image.BILINEAR)
+        w, h = img.size
+        if w == h and w % px == 0:
+            img = img.reduce(w // px)           # an integer factor: a box filter, much faster
+        else:
+            img = img.resize((px, px), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)

@@ -464,7 +464,7 @@ def test_figures_on_a_pipeline_run(synthetic_broden, tmp_path):
     are the ones the dissection report draws, and show wherever a panel is meant to show one."""
     from neurosem.data.broden import BrodenDataset
     from neurosem.dissect import load_dissection
-    from neurosem.dissect.run import _unit_tiles
+    from neurosem.dissect.run import top_masks
     from neurosem.store import ActivationStore
 
     run = build_pipeline_run(tmp_path, synthetic_broden)
@@ -479,11 +479,12 @@ def test_figures_on_a_pipeline_run(synthetic_broden, tmp_path):
         assert ds[r]["id"] == panels.ids[i]
         assert np.allclose(panels.images[i], ds[r]["image"].numpy().transpose(1, 2, 0), atol=1e-6)
     # the masks of the report (its tiles: the dissection's top images) are the figure's masks
-    with ActivationStore.open(rd.activations) as store:
-        tiles = _unit_tiles(dis, "layer4", store, (32, 32))[unit.index]
-    own = figmod.mask_panels(rd, [unit], unit, rows=tiles.images)
-    for k, mask in enumerate(tiles.masks):
-        assert np.array_equal(own.masks[0, k], mask)
+    top_i, _ = dis.top_images("layer4")
+    report_masks = top_masks(dis, "layer4", (32, 32))[unit.index]
+    assert panels.rows == [int(i) for i in top_i[unit.index][:3]]      # the report's top images
+    own = figmod.mask_panels(rd, [unit], unit, rows=[int(i) for i in top_i[unit.index]])
+    for k in range(top_i.shape[1]):
+        assert np.array_equal(own.masks[0, k], report_masks[k])
     fig = figmod.neighbours_figure(run, unit, n_images=3)
     info = fig.neurosem_info
     assert info["images"] == panels.ids and info["note"] is None

@@ -181,23 +181,54 @@ def test_summary_html_figure_and_run_json(planted):
     with Image.open(run / "figures" / "dissect_summary.png") as im:
         assert round(im.info["dpi"][0]) == 300
     assert b"FontFile2" in (run / "figures" / "dissect_summary.pdf").read_bytes()   # TrueType (fonttype 42)
-    assert (run / "figures" / "dissect_summary.svg").stat().st_size > 0
+    assert not (run / "figures" / "dissect_summary.svg").exists()      # PDF + PNG: the paper and the HTML
     meta = json.loads((run / "run.json").read_text())["dissect"]
     assert meta["quantile"] == QUANTILE and meta["outputs"]["html"].endswith("index.html")
     n_fine = int((dis.iou("fine").max(1) >= np.float32(0.04)).sum())
     assert n_fine >= 2 and f"fine: {n_fine}/5 units interpretable" in str(dis)
 
 
-def test_top_images_are_the_highest_peaks(planted):
+def test_top_images_rank_by_mask_size(planted, synthetic_broden):
+    """Top images: the largest mask (the pixels the tally counts), then the larger peak, then the
+    earlier image; the planted red unit's top images are the images with the most red."""
+    from neurosem.data.broden import BrodenDataset
+    from neurosem.dissect.tally import unit_masks
+
     run, dis = planted
     acts = _store_acts(run, "fine").astype(np.float32)
-    peak = acts.reshape(acts.shape[0], 5, -1).max(2)
-    mean = acts.reshape(acts.shape[0], 5, -1).mean(2)
+    n = acts.shape[0]
+    thr = torch.from_numpy(dis.threshold("fine", exact=True))
+    size = unit_masks(torch.from_numpy(acts), thr, (32, 32)).flatten(2).sum(2).numpy()
+    peak = acts.reshape(n, 5, -1).max(2)
     idx, val = dis.top_images("fine")
-    for u in range(5):      # largest peak; equal peaks: largest mean; then the earlier image
-        order = sorted(range(len(peak)), key=lambda i: (-peak[i, u], -mean[i, u], i))[:4]
+    sizes, maps = dis.top_maps("fine")
+    for u in range(5):
+        order = sorted(range(n), key=lambda i: (-size[i, u], -peak[i, u], i))[:4]
         assert idx[u].tolist() == order
         np.testing.assert_array_equal(val[u], peak[order, u])
+        np.testing.assert_array_equal(sizes[u], size[order, u])
+        np.testing.assert_array_equal(maps[u].astype(np.float32), acts[order, u])
+    ds = BrodenDataset(synthetic_broden)
+    red = ds.label_names.index("red")
+    red_px = np.array([int((ds.load_seg(i) == red).sum()) for i in range(n)])
+    assert (red_px[idx[0]] > 0).all()
+    assert red_px[idx[0]].tolist() == sorted(red_px.tolist(), reverse=True)[:4]
+
+
+def test_report_masks_are_the_tally_masks(planted, synthetic_broden):
+    from neurosem.dissect.run import top_masks
+    from neurosem.dissect.tally import unit_masks
+
+    run, dis = planted
+    acts = _store_acts(run, "coarse").astype(np.float32)             # 8 x 8 maps, 32 x 32 labels
+    idx, _ = dis.top_images("coarse")
+    thr = torch.from_numpy(dis.threshold("coarse", exact=True))
+    ref = unit_masks(torch.from_numpy(acts), thr, (32, 32)).numpy()   # [N, C, 32, 32]
+    got = top_masks(dis, "coarse", (32, 32))
+    got_torch = top_masks(dis, "coarse", (32, 32), engine="torch")
+    for u in range(idx.shape[0]):
+        for j, i in enumerate(idx[u]):
+            assert np.array_equal(got[u, j], ref[i, u]) and np.array_equal(got_torch[u, j], ref[i, u])
 
 
 # ------------------------------------------------------------------ reuse

@@ -151,7 +151,7 @@ def test_html_pages_are_self_contained_and_sorted(run, tmp_path):
     order = [text.index(f"id='u{u}'") for u in (0, 1, 3, 2)]            # by best IoU, descending
     assert order == sorted(order)
     assert text.count("class='unit dim'") == 1 and text.count("class='tile") == 8
-    assert "title='c.jpg'" in text and ".i2{background-image:url(data:image/png;base64," in text
+    assert "title='c.jpg'" in text and ".i2{background-image:url(data:image/jpeg;base64," in text
     index = write_index_html(tmp_path / "index.html", d, {"layer4": "layer4.html"}).read_text()
     assert "<a href='layer4.html'>layer4</a>" in index and "<td>3</td><td>4</td>" in index
     for t in (text, index):
