@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from neurosem.errors import DataError, NeurosemError, RunMismatchError
-from neurosem.models import LoadedModel, _first_tensor, check_layers, load_model
+from neurosem.adapters import LayerMaps, module_name
+from neurosem.models import LoadedModel, check_layers, load_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
 #: provenance fields that must match for a store to be resumed or reused
-IDENTITY = ("model", "weights", "layers", "data", "data_fingerprint", "n_images", "transform", "dtype")
+IDENTITY = ("model", "weights", "layers", "data", "data_fingerprint", "n_images", "transform", "dtype", "tokens")
 
 
 class StopForward(Exception):
@@ -35,8 +36,9 @@ class StopForward(Exception):
 class Recorder:
     """Forward hooks on ``layers`` of ``model``, registered on entry and removed on exit.
 
-    After a forward pass ``rec.outputs[layer]`` holds the layer's output (the first tensor of a
-    tuple output), detached, cast to ``dtype`` when given and moved to the CPU when ``to_cpu``.
+    After a forward pass ``rec.outputs[layer]`` holds the layer's unit maps ``[B, C, H, W]`` (its
+    output through the adapter :mod:`neurosem.adapters` chooses; ``tokens``: extra tokens),
+    detached, cast to ``dtype`` when given and moved to the CPU when ``to_cpu``.
     The stored tensor is always a copy, so a later in-place op (``ReLU(inplace=True)``) cannot
     change it. A hooked module that runs twice in one forward pass is an error (its output would
     be ambiguous). With ``stop_after_last=True`` the pass stops as soon as every requested layer
@@ -50,13 +52,15 @@ class Recorder:
     """
 
     def __init__(self, model: "nn.Module", layers: Sequence[str], stop_after_last: bool = False,
-                 detach: bool = True, to_cpu: bool = True, dtype: "torch.dtype | None" = None) -> None:
+                 detach: bool = True, to_cpu: bool = True, dtype: "torch.dtype | None" = None,
+                 tokens: int | None = None) -> None:
         self.model = model
         self.layers = check_layers(model, [layers] if isinstance(layers, str) else list(layers))
         self.stop_after_last = stop_after_last
         self.detach = detach
         self.to_cpu = to_cpu
         self.dtype = dtype
+        self.maps = LayerMaps(model, self.layers, tokens)  # outputs -> [B, C, H, W] (neurosem.adapters)
         self.outputs: dict[str, "torch.Tensor"] = {}
         self._fired: set[str] = set()
         self._handles: list[Any] = []
@@ -66,7 +70,7 @@ class Recorder:
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._new_pass))
             for name in self.layers:
-                self._handles.append(modules[name].register_forward_hook(self._hook_for(name)))
+                self._handles.append(modules[module_name(name)].register_forward_hook(self._hook_for(name)))
         except BaseException:
             self.remove()
             raise
@@ -80,7 +84,8 @@ class Recorder:
         while self._handles:
             self._handles.pop().remove()
 
-    def _new_pass(self, *_: Any) -> None:
+    def _new_pass(self, _module: Any = None, args: Any = ()) -> None:
+        self.maps.new_pass(args)
         self._fired = set()
         self.outputs = {}
 
@@ -91,10 +96,7 @@ class Recorder:
                     f"layer {name!r} ran twice in one forward pass (the module is reused, e.g. a shared "
                     "activation); record a different layer, e.g. its parent block or the module before it")
             self._fired.add(name)
-            t = _first_tensor(output)
-            if t is None:
-                raise NeurosemError(f"layer {name!r} returned no tensor ({type(output).__name__}); "
-                                    "record a different layer")
+            t = self.maps.to_maps(name, output)
             copied = False
             if self.detach:
                 t = t.detach()
@@ -272,7 +274,7 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
            layers: "Sequence[str] | str | None" = None, weights: str = "default", batch_size: int = 64,
            device: "str | torch.device" = "auto", force: bool = False, limit: int | None = None,
            num_workers: int = 0, progress: bool = True, mean: Sequence[float] | None = None,
-           std: Sequence[float] | None = None, dtype: str = "float16") -> Path:
+           std: Sequence[float] | None = None, dtype: str = "float16", tokens: int | None = None) -> Path:
     """Record ``layers`` of ``model`` on every image of ``data`` into the run's ``activations.h5``.
 
     Args:
@@ -287,6 +289,7 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
             ImageNet statistics).
         limit: record only the first ``limit`` images.
         force: discard an existing store and start over.
+        tokens: the class/register tokens of ``[B, T, D]`` outputs (None: detected from the model).
 
     Returns:
         The path of the complete ``activations.h5``.
@@ -327,7 +330,8 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
             "weights_arg": _weights_arg(lm.weights) if isinstance(model, LoadedModel) else str(weights),
             "layers": layers, "data": data_desc, "data_fingerprint": fingerprint,
             "n_images": n_images, "transform": {"mean": list(mean), "std": list(std), "resize": None},
-            "dtype": dtype, "batch_size": int(batch_size), "device": str(dev), "versions": _versions()}
+            "dtype": dtype, "tokens": tokens, "batch_size": int(batch_size), "device": str(dev),
+            "versions": _versions()}
 
     start = 0
     if force:
@@ -370,10 +374,11 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
             # One whole forward pass of one image: a module that runs twice (e.g. a ReLU reused inside
             # a block) is an error here, which stopping after the last layer below could not see.
             probe = _Indexed(ds, start, n_images)[0][0][None].to(dev).float().sub_(mean_t).div_(std_t)
-            with Recorder(net, layers, to_cpu=False):
+            with Recorder(net, layers, to_cpu=False, tokens=tokens) as probe_rec:
                 net(probe)
+            prov["adapters"] = probe_rec.maps.describe()
         with torch.inference_mode(), Recorder(net, layers, stop_after_last=True, to_cpu=False,
-                                              dtype=act_dtype) as rec:
+                                              dtype=act_dtype, tokens=tokens) as rec:
             for images, ids in bar(loader, total=len(loader), desc=f"record {lm.spec}",
                                    enabled=progress, unit="batch"):
                 x = images.to(dev, non_blocking=cuda).float().sub_(mean_t).div_(std_t)
@@ -488,6 +493,7 @@ def ensure_activations(run: "str | Path | None", model: "str | LoadedModel | Non
             wanted = list(prov.get("layers") or []) or None
         if same_model:
             kw.setdefault("limit", prov.get("n_images"))
+            kw.setdefault("tokens", prov.get("tokens"))
         if "mean" not in kw and "std" not in kw and same_model:
             tf = prov.get("transform") or {}
             kw["mean"], kw["std"] = tf.get("mean"), tf.get("std")
