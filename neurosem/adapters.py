@@ -237,7 +237,7 @@ class LayerAdapter:
 def _follows(h: int, w: int, hw: tuple[int, int]) -> bool:
     """Whether an ``h x w`` grid is the input ``H x W`` downsampled by one stride (up to rounding)."""
     big_h, big_w = hw
-    return 1 <= h <= big_h and 1 <= w <= big_w and abs(h * big_w - w * big_h) <= big_h + big_w
+    return 1 <= h <= big_h and 1 <= w <= big_w and abs(h * big_w - w * big_h) <= max(big_h, big_w)
 
 
 def _token_grid(n: int, hw: "tuple[int, int] | None") -> "tuple[int, int] | None":
