@@ -55,6 +55,13 @@ def test_tiny_vit_end_to_end(tmp_path, tiny_broden):
 def test_tiny_swin_end_to_end(tmp_path, tiny_broden):
     _pipeline(f"{FACTORIES}:tiny_swin", tiny_broden, tmp_path / "swin",
               {"features.1": ((12, 8, 8), "channels_last"), "features.3": ((24, 4, 4), "channels_last")})
+    # embed straight from the model (no activations.h5): the same adapters through the Recorder
+    embed(f"{FACTORIES}:tiny_swin", data=str(tiny_broden), run=tmp_path / "direct", dim=4, device="cpu",
+          no_store=True, progress=False)
+    direct, stored = load_embedding(tmp_path / "direct"), load_embedding(tmp_path / "swin")
+    assert not (tmp_path / "direct" / "activations.h5").exists()
+    assert direct.layers == stored.layers == ["features.1", "features.3"]
+    assert direct.vectors("features.1").shape == (12, 4) and direct.vectors("features.3").shape == (24, 4)
 
 
 def test_tiny_convnext_end_to_end(tmp_path, tiny_broden):
@@ -116,6 +123,10 @@ def test_swin_t_and_convnext_tiny_end_to_end(tmp_path, synthetic_broden, name, w
     ("vit_tiny_patch16_224", {f"blocks.{i}": ((192, 14, 14), "tokens") for i in (2, 5, 8, 11)}),
     ("convnext_atto", {"stages.0": ((40, 56, 56), "channels_first"), "stages.1": ((80, 28, 28), "channels_first"),
                        "stages.2": ((160, 14, 14), "channels_first"), "stages.3": ((320, 7, 7), "channels_first")}),
+    ("swin_tiny_patch4_window7_224", {"layers.0": ((96, 56, 56), "channels_last"),
+                                      "layers.1": ((192, 28, 28), "channels_last"),
+                                      "layers.2": ((384, 14, 14), "channels_last"),
+                                      "layers.3": ((768, 7, 7), "channels_last")}),
 ])
 def test_timm_end_to_end(tmp_path, broden_224, name, want):
     pytest.importorskip("timm")
