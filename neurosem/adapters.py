@@ -73,7 +73,8 @@ def parse_layer(name: str) -> LayerRef:
     for raw in _SELECTOR.findall(m.group(2)):
         text = raw.strip().strip("'\"")
         if not text or ":" in text or "," in text or "/" in text:
-            raise NeurosemError(f"malformed selector [{raw}] in layer {name!r}: an index or key holds no ':', ',' or '/'")
+            raise NeurosemError(f"malformed selector [{raw}] in layer {name!r}: "
+                                "an index or key holds no ':', ',' or '/'")
         select.append(int(text) if re.fullmatch(r"-?\d+", text) else text)
     return LayerRef(m.group(1).strip(), tuple(select))
 

@@ -48,7 +48,7 @@ def tiny_convnext() -> nn.Module:
 
 
 class ChannelsLastCNN(nn.Module):
-    """A CNN whose ``nhwc`` module gives ``conv``'s maps channels-last ``[B, H, W, 6]``; ``cf`` gives them as they are."""
+    """A CNN: ``nhwc`` gives ``conv``'s maps channels-last ``[B, H, W, 6]``, ``cf`` as they are ``[B, 6, H, W]``."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ from torch import nn
 from neurosem.adapters import (AdapterError, ChannelsFirst, ChannelsLast, LayerRef, TokenGrid, choose_adapter,
                                parse_layer, prefix_tokens, trace_maps)
 from neurosem.errors import NeurosemError, RunMismatchError
-from neurosem.models import LoadedModel, default_layers, family_default_layers, layer_table
+from neurosem.models import LoadedModel, default_layers, family_default_layers, layer_table, list_layers
 from neurosem.record import Recorder, record
 from neurosem.store import ActivationStore
 
@@ -138,14 +138,16 @@ def test_patch_embedding_before_the_class_token_gives_the_grid():
 # ---------------------------------------------------------------- torchvision tiny instances
 def test_tiny_vit_swin_convnext_maps_equal_their_raw_outputs():
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    cases = [(tiny_vit(), "encoder.layers.encoder_layer_1", lambda o: o[:, 1:].reshape(2, 4, 4, 16).permute(0, 3, 1, 2)),
+    vit_ref = lambda o: o[:, 1:].reshape(2, 4, 4, 16).permute(0, 3, 1, 2)  # noqa: E731
+    cases = [(tiny_vit(), "encoder.layers.encoder_layer_1", vit_ref),
              (tiny_swin(), "features.3", lambda o: o.permute(0, 3, 1, 2)),
              (tiny_swin(), "features.1", lambda o: o.permute(0, 3, 1, 2)),
              (tiny_convnext(), "features.3", lambda o: o),
              (tiny_convnext(), "features.1.0.block.2", lambda o: o.permute(0, 3, 1, 2))]
     for model, layer, ref in cases:
         raw = {}
-        handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: raw.setdefault("o", o.clone()))
+        module = dict(model.named_modules())[layer]
+        handle = module.register_forward_hook(lambda m, i, o: raw.setdefault("o", o.clone()))
         with Recorder(model, [layer]) as rec:
             rec.forward(x)
         handle.remove()
@@ -188,7 +190,8 @@ def test_bad_outputs_give_one_line_naming_layer_and_shape():
     with pytest.raises(AdapterError, match=r"^layer 'pair\[1\]' returned no tensor \(str\)"):
         with Recorder(TupleOut(), ["pair[1]"]) as rec:
             rec.forward(torch.rand(1, 3, 4, 4))
-    with pytest.raises(AdapterError, match=r"^layer 'conv1\[0\]': \[0\] cannot select from a tensor \[B, 4, 4, 4\]; drop"):
+    with pytest.raises(AdapterError,
+                       match=r"^layer 'conv1\[0\]': \[0\] cannot select from a tensor \[B, 4, 4, 4\]; drop"):
         with Recorder(TinyCNN(), ["conv1[0]"]) as rec:
             rec.forward(torch.rand(1, 3, 4, 4))
     with pytest.raises(AdapterError, match=r"^layer 'd\[c\]': its output, a dict with keys a, b, has no key 'c'$"):
@@ -201,7 +204,8 @@ def test_bad_outputs_give_one_line_naming_layer_and_shape():
 # ---------------------------------------------------------------- defaults, table
 def test_family_default_layers():
     assert family_default_layers(tiny_vit()) == ["encoder.layers.encoder_layer_1"]       # fewer than 3: the last
-    assert family_default_layers(tiny_vit(num_layers=12)) == [f"encoder.layers.encoder_layer_{i}" for i in (2, 5, 8, 11)]
+    twelve = [f"encoder.layers.encoder_layer_{i}" for i in (2, 5, 8, 11)]
+    assert family_default_layers(tiny_vit(num_layers=12)) == twelve
     assert family_default_layers(tiny_vit(num_layers=7)) == [f"encoder.layers.encoder_layer_{i}" for i in (2, 5, 6)]
     assert default_layers(tiny_swin(), (3, 32, 32)) == ["features.1", "features.3"]
     assert default_layers(tiny_convnext(), (3, 32, 32)) == ["features.1", "features.3"]
@@ -211,8 +215,9 @@ def test_family_default_layers():
 def test_layer_table_shows_the_map_shape():
     text = layer_table(f"{FACTORIES}:tiny_vit", 32, weights="none")
     lines = text.splitlines()
-    width = max(len(line.split()[0]) for line in lines[1:] if not line.startswith("*")) + 2
-    assert f"* {'encoder.layers.encoder_layer_1':<{width - 2}}  17 x 16  -> 16 x 4 x 4 (tokens: 1 extra + 4x4 grid)" in lines
+    width = max(len(name) for name, _ in list_layers(tiny_vit(), (3, 32, 32)))
+    row = f"* {'encoder.layers.encoder_layer_1':<{width}}  17 x 16  -> 16 x 4 x 4 (tokens: 1 extra + 4x4 grid)"
+    assert row in lines
     assert any(line.split()[:2] == ["conv_proj", "16"] and "->" not in line for line in lines)
     assert any(line.split()[0] == "heads" and line.endswith("10  -> no maps (1-D)") for line in lines)
     data = json.loads(layer_table(f"{FACTORIES}:tiny_swin", 32, weights="none", as_json=True))

@@ -155,5 +155,6 @@ def test_timm_specs(monkeypatch):
     lm = load_model("timm:vit_tiny_patch16_224", weights="none", warn=False)
     assert lm.spec == "timm:vit_tiny_patch16_224" and lm.weights == "none" and lm.input_size == (3, 224, 224)
     assert lm.default_layers == ["blocks.2", "blocks.5", "blocks.8", "blocks.11"] and prefix_tokens(lm.model) == 1
-    with pytest.raises(NeurosemError, match=r"^unknown timm model 'vit_tiny_patch16_22' \(closest: vit_tiny_patch16_224"):
+    with pytest.raises(NeurosemError,
+                       match=r"^unknown timm model 'vit_tiny_patch16_22' \(closest: vit_tiny_patch16_224"):
         load_model("timm:vit_tiny_patch16_22", weights="none")
