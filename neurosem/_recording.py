@@ -48,6 +48,7 @@ class Job:
     progress: bool
     prov: dict[str, Any]
     rd: "RunDir"
+    tokens: int | None = None      # extra tokens of [B, T, D] outputs (None: detected)
 
     @property
     def path(self) -> Path:
@@ -90,7 +91,7 @@ def _forward(job: Job, start: int, stop: int, layers: Sequence[str], norm: tuple
     act_dtype = torch.float16 if job.dtype == "float16" else torch.float32
     mean_t, std_t = norm
     with torch.inference_mode(), Recorder(job.lm.model, layers, stop_after_last=True, to_cpu=False,
-                                          dtype=act_dtype) as rec:
+                                          dtype=act_dtype, tokens=job.tokens) as rec:
         for images, ids in bar(loader, total=len(loader), desc=desc, enabled=job.progress, unit="batch"):
             x = images.to(job.dev, non_blocking=cuda).float().sub_(mean_t).div_(std_t)
             if cuda:
@@ -144,8 +145,9 @@ def record_from(job: Job, start: int) -> Path:
                 # One whole forward pass of one image: a module that runs twice (e.g. a ReLU reused inside
                 # a block) is an error here, which stopping after the last layer below could not see.
                 image = _Indexed(job.ds, start, n_images)[0][0][None].to(dev).float()
-                with Recorder(job.lm.model, layers, to_cpu=False) as probe_rec:
+                with Recorder(job.lm.model, layers, to_cpu=False, tokens=job.tokens) as probe_rec:
                     job.lm.model(image.sub_(norm[0]).div_(norm[1]))
+                job.prov["adapters"] = probe_rec.maps.describe()
                 flat = [name for name in layers if probe_rec.outputs[name].dim() != 4]
                 if flat:  # refused before any file is written
                     shp = tuple(probe_rec.outputs[flat[0]].shape[1:])

@@ -168,12 +168,16 @@ def doctor(fix: bool, as_json: bool) -> None:
               help="Side of the square dummy input (default: the model's own, 224 or 32 for the CIFAR zoo).")
 @click.option("--weights", default="none", show_default=True,
               help="Weights to load (shapes do not depend on them): none, default or a .pth file.")
+@click.option("--tokens", type=click.IntRange(min=0), default=None,
+              help="Class/register tokens before the patch tokens of [B, T, D] outputs (default: detected).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def layers(model: str, input_size: int | None, weights: str, as_json: bool) -> None:
+def layers(model: str, input_size: int | None, weights: str, tokens: int | None, as_json: bool) -> None:
     """List every layer of MODEL (dotted module name) with its output shape.
 
-    MODEL is a torchvision name (resnet18), a CIFAR zoo name (resnet8x4) or path/file.py:factory.
-    Layers marked * are the defaults.
+    MODEL is a torchvision name (resnet18), a CIFAR zoo name (resnet8x4), timm:NAME or
+    path/file.py:factory. Layers marked * are the defaults; "-> C x H x W" is the unit maps an
+    output that is not (C, H, W) gives (tokens, channels-last). MODULE[i] / MODULE[key] in
+    --layers picks one output of a tuple or dict.
 
     \b
     Examples:
@@ -182,7 +186,7 @@ def layers(model: str, input_size: int | None, weights: str, as_json: bool) -> N
     """
     from neurosem.models import layer_table
 
-    click.echo(layer_table(model, input_size=input_size, weights=weights, as_json=as_json))
+    click.echo(layer_table(model, input_size=input_size, weights=weights, as_json=as_json, tokens=tokens))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -202,9 +206,12 @@ def layers(model: str, input_size: int | None, weights: str, as_json: bool) -> N
 @click.option("--repair", is_flag=True, help="Check the stored images' checksums and record damaged ones again.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of the activations (float32 for values beyond float16's range).")
+@click.option("--tokens", type=click.IntRange(min=0), default=None,
+              help="Class/register tokens before the patch tokens of [B, T, D] outputs (default: detected).")
 @_quiet_option
 def record(model: str, data: str, layers: tuple[str, ...], run: str | None, weights: str, batch_size: int,
            device: str, workers: int, limit: int | None, force: bool, repair: bool, dtype: str,
+           tokens: int | None,
            quiet: bool) -> None:
     """Record activations of MODEL on a dataset into RUN/activations.h5.
 
@@ -220,7 +227,8 @@ def record(model: str, data: str, layers: tuple[str, ...], run: str | None, weig
 
     path = record_activations(model, data, run=run, layers=_split(layers), weights=weights,
                               batch_size=batch_size, device=device, force=force, limit=limit,
-                              num_workers=workers, progress=not quiet, dtype=dtype, repair=repair)
+                              num_workers=workers, progress=not quiet, dtype=dtype, repair=repair,
+                              tokens=tokens)
     click.echo(f"activations: {path}")
 
 

@@ -7,7 +7,8 @@
   that is both (e.g. ``vgg13``) means torchvision's: write ``zoo:vgg13`` for the CIFAR one
   (``tv:NAME`` forces torchvision);
 - ``path/to/file.py:factory`` or ``package.module:factory``: ``factory()`` is called with no
-  arguments and must return an ``nn.Module``.
+  arguments and must return an ``nn.Module``;
+- ``timm:NAME``: timm's ``create_model(NAME)`` (timm installed: the optional extra ``timm``).
 
 ``weights``: ``"default"`` (torchvision's DEFAULT weights, from the torch hub cache or downloaded;
 for a user factory: the model as the factory built it), ``"none"`` (random initialisation, with a
@@ -16,6 +17,8 @@ under ``state_dict``/``model``/``net``/``model_state_dict`` (``module.`` prefixe
 
 Default layers (the end of each block/stage), by the first rule that applies:
 
+0. torchvision ViT, Swin, ConvNeXt and timm models: :func:`family_default_layers` (every 3rd
+   ViT block; the end of each Swin/ConvNeXt stage);
 1. top-level children named ``layer1``, ``layer2``, ... (ResNet, ResNeXt, Wide ResNet): those;
 2. a ``features`` container with dense blocks (DenseNet): each ``features.denseblockK``;
 3. a ``features`` container with max-pooling (VGG, AlexNet, SqueezeNet): the module just before
@@ -25,8 +28,7 @@ Default layers (the end of each block/stage), by the first rule that applies:
    the top-level children, where an ``nn.Sequential`` of 3 or more children that output several
    spatial sizes is replaced by its children (recursively); in call order, the last trunk module at each spatial
    size is a stage end (1x1 outputs are skipped). MobileNet, EfficientNet, ConvNeXt, RegNet,
-   MNASNet, Inception get their stage ends this way. Outputs must be channel-first ``(C, H, W)``:
-   for transformers (ViT, Swin) pass ``--layers``;
+   MNASNet, Inception get their stage ends this way (sizes as the outputs are, channel-first);
 5. fallback: every top-level child producing a 4-D output.
 CIFAR zoo models use ``neurosem.distill.zoo.ALIGNED_LAYERS[name]``.
 """
@@ -107,6 +109,8 @@ def load_model(spec: "str | nn.Module", weights: str = "default", num_classes: i
         lm = _load_zoo(bare, weights, num_classes, *zoo, warn=warn)
     elif kind in ("tv", "torchvision") and bare:
         lm = _load_torchvision(bare, weights, num_classes, warn)
+    elif kind == "timm" and bare:
+        lm = _load_timm(bare, weights, num_classes, warn)
     elif _is_factory_spec(spec):
         lm = _load_factory(spec, weights, warn)
     else:
@@ -532,6 +536,93 @@ def state_digest(model: "nn.Module") -> str:
     return h.hexdigest()[:16]
 
 
+# ---------------------------------------------------------------------- transformers, timm
+def _every_third(blocks: list[str]) -> list[str]:
+    """Blocks 3, 6, 9, ... (1-based) and the last block: ViT-B's 12 blocks give 2, 5, 8, 11 (0-based)."""
+    picked = blocks[2::3]
+    return picked + [blocks[-1]] if blocks and (not picked or picked[-1] != blocks[-1]) else picked
+
+
+def family_default_layers(model: "nn.Module") -> list[str] | None:
+    """Default layers of the transformer-era families, or None for any other model.
+
+    - torchvision ``VisionTransformer``: every 3rd block of ``encoder.layers`` and the last
+      (vit_b_16: ``encoder.layers.encoder_layer_2``, ``_5``, ``_8``, ``_11``);
+    - torchvision ``SwinTransformer`` / ``ConvNeXt``: the end of each stage, ``features.1``,
+      ``features.3``, ``features.5``, ``features.7`` (the odd children of ``features``; the even
+      ones are the stem and the downsampling/patch-merging layers);
+    - timm models: each child of ``stages`` (ConvNeXt and other staged nets) or ``layers`` (Swin);
+      every 3rd block of ``blocks`` and the last for ViT-like models (those with prefix tokens).
+
+    Example:
+        >>> family_default_layers(torchvision.models.swin_t())  # doctest: +SKIP
+        ['features.1', 'features.3', 'features.5', 'features.7']
+    """
+    from torch import nn
+
+    containers = (nn.Sequential, nn.ModuleList)
+    cls, where = type(model).__name__, type(model).__module__
+
+    def kids(prefix: str, mod: Any) -> list[str]:
+        return [f"{prefix}.{n}" for n, _ in mod.named_children()] if isinstance(mod, containers) else []
+
+    if where.startswith("torchvision.models"):
+        if cls == "VisionTransformer":
+            return _every_third(kids("encoder.layers", getattr(model.encoder, "layers", None))) or None
+        if cls in ("SwinTransformer", "ConvNeXt"):
+            return kids("features", getattr(model, "features", None))[1::2] or None
+        return None
+    if where.startswith("timm."):
+        for attr in ("stages", "layers"):
+            names = kids(attr, getattr(model, attr, None))
+            if names:
+                return names
+        if hasattr(model, "num_prefix_tokens"):
+            return _every_third(kids("blocks", getattr(model, "blocks", None))) or None
+    return None
+
+
+def _load_timm(name: str, weights: str, num_classes: int | None, warn: bool = True) -> LoadedModel:
+    """``timm:NAME``: built by timm's own ``create_model`` (timm is the optional extra ``neurosem[timm]``)."""
+    try:
+        import timm
+    except ImportError:
+        raise NeurosemError(f"timm:{name} needs timm, which is not installed: pip install 'neurosem[timm]' "
+                            "(or pip install timm)") from None
+    names = timm.list_models()
+    if name not in names:
+        close = closest_names(name, names)
+        hint = f"closest: {', '.join(close)}" if close else "list them with timm.list_models()"
+        raise NeurosemError(f"unknown timm model {name!r} ({hint})")
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": int(num_classes)}
+    if weights == "default":
+        try:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:
+            raise NeurosemError(
+                f"default weights for timm:{name} are not cached and could not be downloaded "
+                f"({type(exc).__name__}); put them into timm's cache, or pass --weights FILE, "
+                "or --weights none for random weights") from None
+        tag = getattr(model, "pretrained_cfg", {}) or {}
+        desc = f"timm:{name}.{tag.get('tag') or 'default'}"
+    elif weights == "none":
+        with _seeded():  # the same random weights every time
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        _warn_random(f"timm:{name}", warn)
+        desc = "none"
+    else:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        desc = load_weights_file(model, weights)
+    model.eval()
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    mean = tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(float(v) for v in cfg.get("std", IMAGENET_STD))
+    size = cfg.get("input_size", (3, 224, 224))
+    input_size = (3, int(size[-2]), int(size[-1]))
+    return LoadedModel(model=model, spec=f"timm:{name}", weights=desc, mean=mean, std=std,
+                       input_size=input_size, default_layers=default_layers(model, input_size))
+
+
 # ---------------------------------------------------------------------- layers
 def _first_tensor(out: Any) -> "torch.Tensor | None":
     import torch
@@ -618,8 +709,10 @@ def check_layers(model: "nn.Module", layers: Sequence[str]) -> list[str]:
         raise NeurosemError("no layers given: pass --layers NAME[,NAME...] (list them with `neurosem layers MODEL`)")
     names = [n for n, _ in model.named_modules() if n]
     known = set(names)
+    from neurosem.adapters import module_name
+
     for layer in layers:
-        if layer not in known:
+        if module_name(layer) not in known:
             close = closest_names(layer, names)
             hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(names[:5])}"
             raise NeurosemError(f"unknown layer {layer!r} ({hint}); list all with `neurosem layers MODEL`")
@@ -640,6 +733,9 @@ def default_layers(model: "nn.Module", input_size: Sequence[int] = (3, 224, 224)
     """
     from torch import nn
 
+    family = family_default_layers(model)
+    if family:
+        return family
     children = dict(model.named_children())
     stages = [n for n in children if n.startswith("layer") and n[5:].isdigit()]
     if stages:
@@ -688,8 +784,12 @@ def default_layers(model: "nn.Module", input_size: Sequence[int] = (3, 224, 224)
 
 
 def layer_table(model: str, input_size: "int | Sequence[int] | None" = None, weights: str = "none",
-                as_json: bool = False) -> str:
+                as_json: bool = False, tokens: int | None = None) -> str:
     """``neurosem layers``: every layer of ``model`` with its output shape; defaults marked ``*``.
+
+    An output that is not ``C x H x W`` maps is followed by ``-> C x H x W (adapter)``, the unit
+    maps it gives (see :mod:`neurosem.adapters`; ``tokens``: extra tokens, None: detected), or by
+    ``-> no maps (...)``; JSON: ``maps`` per layer.
 
     ``input_size``: the side of a square input (or ``(3, H, W)``); None: the model's own
     (224 for ImageNet models, 32 for the CIFAR zoo). When the model does not run at the size asked
@@ -722,13 +822,29 @@ def layer_table(model: str, input_size: "int | Sequence[int] | None" = None, wei
         size = tuple(lm.input_size)
         rows = list_layers(lm.model, size)
     defaults = set(lm.default_layers)
+    maps = _map_notes(lm.model, size, tokens)
     if as_json:
         return json.dumps({"model": lm.spec, "input_size": list(size),
-                           "layers": [{"name": n, "shape": list(shp), "default": n in defaults} for n, shp in rows]},
-                          indent=2)
+                           "layers": [{"name": n, "shape": list(shp), "default": n in defaults} for n, shp in rows],
+                           "maps": {n: maps[n][1] for n, _ in rows if n in maps}}, indent=2)
     width = max((len(n) for n, _ in rows), default=5)
     lines = [f"{lm.spec} (input {'x'.join(str(v) for v in size)}; * = default layers)"]
     for name, shape in rows:
         mark = "*" if name in defaults else " "
-        lines.append(f"{mark} {name:<{width}}  {' x '.join(str(v) for v in shape)}")
+        lines.append(f"{mark} {name:<{width}}  {' x '.join(str(v) for v in shape)}{maps.get(name, ('',))[0]}")
     return "\n".join(lines)
+
+
+def _map_notes(model: "nn.Module", size: Sequence[int], tokens: int | None) -> dict[str, tuple[str, Any]]:
+    """Per module: the table's suffix (empty for plain ``C x H x W`` maps) and the JSON entry."""
+    from neurosem.adapters import trace_maps
+
+    out: dict[str, tuple[str, Any]] = {}
+    for name, a in trace_maps(model, size, tokens).items():
+        if isinstance(a, str):
+            out[name] = (f"  -> no maps ({a})", {"map_shape": None, "adapter": a})
+        else:
+            plain = a.layout.kind == "channels_first" and not a.select
+            text = "" if plain else f"  -> {' x '.join(str(v) for v in a.map_shape)} ({a.text()})"
+            out[name] = (text, {"map_shape": list(a.map_shape), "adapter": a.describe()})
+    return out

@@ -20,14 +20,15 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from neurosem._recording import Job, record_from
 from neurosem._recording import repair as _repair
 from neurosem.errors import DataError, NeurosemError, RunMismatchError
-from neurosem.models import LoadedModel, _first_tensor, check_layers, load_model
+from neurosem.adapters import LayerMaps, module_name
+from neurosem.models import LoadedModel, check_layers, load_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
 #: provenance fields that must match for a store to be resumed or reused
-IDENTITY = ("model", "weights", "layers", "data", "data_fingerprint", "n_images", "transform", "dtype")
+IDENTITY = ("model", "weights", "layers", "data", "data_fingerprint", "n_images", "transform", "dtype", "tokens")
 
 
 class StopForward(Exception):
@@ -37,8 +38,9 @@ class StopForward(Exception):
 class Recorder:
     """Forward hooks on ``layers`` of ``model``, registered on entry and removed on exit.
 
-    After a forward pass ``rec.outputs[layer]`` holds the layer's output (the first tensor of a
-    tuple output), detached, cast to ``dtype`` when given and moved to the CPU when ``to_cpu``.
+    After a forward pass ``rec.outputs[layer]`` holds the layer's unit maps ``[B, C, H, W]`` (its
+    output through the adapter :mod:`neurosem.adapters` chooses; ``tokens``: extra tokens),
+    detached, cast to ``dtype`` when given and moved to the CPU when ``to_cpu``.
     The stored tensor is always a copy, so a later in-place op (``ReLU(inplace=True)``) cannot
     change it. A hooked module that runs twice in one forward pass is an error (its output would
     be ambiguous). With ``stop_after_last=True`` the pass stops as soon as every requested layer
@@ -52,13 +54,15 @@ class Recorder:
     """
 
     def __init__(self, model: "nn.Module", layers: Sequence[str], stop_after_last: bool = False,
-                 detach: bool = True, to_cpu: bool = True, dtype: "torch.dtype | None" = None) -> None:
+                 detach: bool = True, to_cpu: bool = True, dtype: "torch.dtype | None" = None,
+                 tokens: int | None = None) -> None:
         self.model = model
         self.layers = check_layers(model, [layers] if isinstance(layers, str) else list(layers))
         self.stop_after_last = stop_after_last
         self.detach = detach
         self.to_cpu = to_cpu
         self.dtype = dtype
+        self.maps = LayerMaps(model, self.layers, tokens)  # outputs -> [B, C, H, W] (neurosem.adapters)
         self.outputs: dict[str, "torch.Tensor"] = {}
         self._fired: set[str] = set()
         self._handles: list[Any] = []
@@ -68,7 +72,7 @@ class Recorder:
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._new_pass))
             for name in self.layers:
-                self._handles.append(modules[name].register_forward_hook(self._hook_for(name)))
+                self._handles.append(modules[module_name(name)].register_forward_hook(self._hook_for(name)))
         except BaseException:
             self.remove()
             raise
@@ -82,7 +86,8 @@ class Recorder:
         while self._handles:
             self._handles.pop().remove()
 
-    def _new_pass(self, *_: Any) -> None:
+    def _new_pass(self, _module: Any = None, args: Any = ()) -> None:
+        self.maps.new_pass(args)
         self._fired = set()
         self.outputs = {}
 
@@ -93,10 +98,7 @@ class Recorder:
                     f"layer {name!r} ran twice in one forward pass (the module is reused, e.g. a shared "
                     "activation); record a different layer, e.g. its parent block or the module before it")
             self._fired.add(name)
-            t = _first_tensor(output)
-            if t is None:
-                raise NeurosemError(f"layer {name!r} returned no tensor ({type(output).__name__}); "
-                                    "record a different layer")
+            t = self.maps.to_maps(name, output)
             copied = False
             if self.detach:
                 t = t.detach()
@@ -283,7 +285,8 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
            layers: "Sequence[str] | str | None" = None, weights: str = "default", batch_size: int = 64,
            device: "str | torch.device" = "auto", force: bool = False, limit: int | None = None,
            num_workers: int = 0, progress: bool = True, mean: Sequence[float] | None = None,
-           std: Sequence[float] | None = None, dtype: str = "float16", repair: bool = False) -> Path:
+           std: Sequence[float] | None = None, dtype: str = "float16", repair: bool = False,
+           tokens: int | None = None) -> Path:
     """Record ``layers`` of ``model`` on every image of ``data`` into the run's ``activations.h5``.
 
     Args:
@@ -300,6 +303,7 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
         force: discard an existing store and start over.
         repair: check every stored image against its checksum first and record the damaged ones
             again (in the batches of the original run); then resume or reuse the store as usual.
+        tokens: the class/register tokens of ``[B, T, D]`` outputs (None: detected from the model).
 
     Returns:
         The path of the complete ``activations.h5``.
@@ -341,11 +345,12 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
             "weights_arg": _weights_arg(lm.weights) if isinstance(model, LoadedModel) else str(weights),
             "layers": layers, "data": data_desc, "data_fingerprint": fingerprint,
             "n_images": n_images, "transform": {"mean": list(mean), "std": list(std), "resize": None},
-            "dtype": dtype, "batch_size": int(batch_size), "device": str(dev), "versions": _versions()}
+            "dtype": dtype, "tokens": tokens, "batch_size": int(batch_size), "device": str(dev),
+            "versions": _versions()}
 
     job = Job(lm=lm, ds=ds, layers=layers, mean=mean, std=std, n_images=n_images,  # type: ignore[arg-type]
               batch_size=int(batch_size), dev=dev, dtype=dtype, num_workers=num_workers, progress=progress,
-              prov=prov, rd=rd)
+              prov=prov, rd=rd, tokens=tokens)
     with rd.lock("record"):  # held while the store is checked, created, renamed, written or deleted
         return _record_locked(job, force=force, repair=repair)
 
@@ -457,6 +462,7 @@ def ensure_activations(run: "str | Path | None", model: "str | LoadedModel | Non
             wanted = list(prov.get("layers") or []) or None
         if same_model:
             kw.setdefault("limit", prov.get("n_images"))
+            kw.setdefault("tokens", prov.get("tokens"))
         if "mean" not in kw and "std" not in kw and same_model:
             tf = prov.get("transform") or {}
             kw["mean"], kw["std"] = tf.get("mean"), tf.get("std")

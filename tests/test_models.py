@@ -334,7 +334,7 @@ def test_layer_table(capsys):
     text = layer_table(f"{PLANTED}:tiny_cnn", 16, weights="none")
     lines = text.splitlines()
     assert lines[0] == f"{PLANTED}:tiny_cnn (input 3x16x16; * = default layers)"
-    assert "* layer1    6 x 8 x 8" in lines and "  conv1     4 x 16 x 16" in lines and "  fc        5" in lines
+    assert "* layer1    6 x 8 x 8" in lines and "  conv1     4 x 16 x 16" in lines and "  fc        5  -> no maps (1-D)" in lines
     assert "RANDOM" not in capsys.readouterr().err  # listing layers needs no warning
     data = json.loads(layer_table(f"{PLANTED}:tiny_cnn", (3, 8, 8), as_json=True))
     assert data["input_size"] == [3, 8, 8]
