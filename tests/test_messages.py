@@ -100,8 +100,8 @@ def test_a_layer_without_maps_is_refused_before_any_file(tmp_path, tiny_broden):
     run = tmp_path / "run"
     with pytest.raises(NeurosemError) as err:
         record(TINY, str(tiny_broden), run=run, layers="layer2,fc", progress=False)
-    assert str(err.value) == ("layer 'fc' gives 1-D outputs (5,); only (C, H, W) maps can be stored: choose a "
-                              "convolutional layer")
+    assert str(err.value) == ("layer 'fc' gives 2-D outputs [B, 5], not unit maps: choose a layer with "
+                              "[B, C, H, W], [B, H, W, C] or [B, T, D] outputs (see `neurosem layers MODEL`)")
     # only the run lock (an empty file kept on purpose: unlinking a flock file races) may be there
     assert not run.exists() or sorted(p.name for p in run.iterdir()) in ([], [".neurosem.lock"])
 

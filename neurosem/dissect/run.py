@@ -410,7 +410,7 @@ def _write_reports(rd: Any, dis: Any, ds: Any, engine: str, device: Any, report:
     outputs: dict[str, Any] = {"csv": csvs, "summary": str(summary)}
     if not report:
         return outputs
-    figures = write_summary_figure(rd.figures / "dissect_summary", dis, formats=("pdf", "png"))
+    figures = write_summary_figure(rd.figures / "dissect_summary", dis)
     thumb_px = int(min(112, ds.image_size[0], ds.image_size[1]))
     thumbs: dict[int, np.ndarray] = {}
     pages = {}
