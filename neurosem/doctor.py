@@ -145,7 +145,7 @@ def diagnose() -> Report:
                       "index (the --index-url on pytorch.org's install page)")
 
     # libraries
-    for dist in ("numpy", "scipy", "scikit-learn", "h5py", "matplotlib", "seaborn", "click", "tqdm", "pillow"):
+    for dist in ("numpy", "scipy", "scikit-learn", "h5py", "matplotlib", "numba", "click", "tqdm", "pillow"):
         v = _version(dist)
         rep.add(dist, v is not None, v or "not installed", "" if v else f"pip install {dist}")
 

@@ -187,26 +187,27 @@ def light_mask_cmap(color: str = "#ff3b30") -> Any:
     return ListedColormap(colors, name="neurosem_mask")
 
 
+#: The six Broden categories: Okabe-Ito colours far apart in hue (and in grey), so no two look alike.
+CATEGORY_COLORS: dict[str, str] = {"object": "#0072b2", "part": "#d55e00", "scene": "#009e73",
+                                   "material": "#cc79a7", "texture": "#56b4e9", "color": "#333333"}
+
+
 def category_palette(categories: Sequence[str]) -> dict[str, Any]:
-    """A fixed colour per dissection category (the six Broden categories keep their colours:
-    :data:`COLORBLIND` 0..5); other categories take the remaining colour-blind colours, then
-    evenly spaced hues. Colours are RGB tuples in [0, 1].
+    """A fixed colour per dissection category (the six Broden categories keep
+    :data:`CATEGORY_COLORS`); other categories take evenly spaced hues. RGB tuples in [0, 1].
 
     Example:
         >>> category_palette(["color", "object"])["object"]
-        (0.00392156862745098, 0.45098039215686275, 0.6980392156862745)
+        (0.0, 0.4470588235294118, 0.6980392156862745)
     """
     from matplotlib.colors import hsv_to_rgb, to_rgb
 
-    known = ["object", "part", "scene", "material", "texture", "color"]
-    new = [c for c in dict.fromkeys(categories) if c not in known]
-    spare = [to_rgb(c) for c in COLORBLIND[len(known):]]
-    n_hues = max(0, len(new) - len(spare))
-    hues = [tuple(float(v) for v in hsv_to_rgb((k / n_hues, 0.65, 0.8))) for k in range(n_hues)]
-    extra = iter(spare + hues)
+    new = [c for c in dict.fromkeys(categories) if c not in CATEGORY_COLORS]
+    hues = iter(tuple(float(v) for v in hsv_to_rgb(((k + 0.5) / max(1, len(new)), 0.65, 0.75)))
+                for k in range(len(new)))
     pal: dict[str, Any] = {}
     for cat in dict.fromkeys(categories):
-        pal[cat] = to_rgb(COLORBLIND[known.index(cat)]) if cat in known else next(extra)
+        pal[cat] = to_rgb(CATEGORY_COLORS[cat]) if cat in CATEGORY_COLORS else next(hues)
     return pal
 
 

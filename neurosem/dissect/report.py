@@ -343,32 +343,45 @@ def write_summary(path: Path, dis: Dissection) -> Path:
 
 
 # ------------------------------------------------------------------------------------ figure
+def summary_figure(dis: Dissection) -> Any:
+    """The figure: interpretable units per category (bars) per layer; only the categories that
+    have interpretable units get bars and legend entries (each in its own colour,
+    :func:`~neurosem.analysis._plotstyle.category_palette`)."""
+    from matplotlib.ticker import MaxNLocator
+
+    from neurosem.analysis._plotstyle import category_palette, new_figure
+
+    all_cats = list(dis.categories)
+    counts = np.array([[dis.counts(layer)[c] for c in all_cats] for layer in dis.layers], dtype=float)
+    shown = [k for k in range(len(all_cats)) if counts[:, k].any()]
+    pal = category_palette(all_cats)
+    fig, ax = new_figure(figsize=(max(3.2, 0.9 * len(dis.layers) + 1.6), 2.4))
+    width = 0.8 / max(1, len(shown))
+    x = np.arange(len(dis.layers))
+    for j, k in enumerate(shown):
+        ax.bar(x - 0.4 + width * (j + 0.5), counts[:, k], width, color=pal[all_cats[k]], label=all_cats[k])
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xticks(x)
+    ax.set_xticklabels(dis.layers, rotation=30 if len(dis.layers) > 4 else 0)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("interpretable units")
+    ax.set_title(f"units with IoU \u2265 {dis.iou_threshold:g}, by category of their best label")
+    if shown:
+        ax.legend(frameon=False, fontsize="small", ncol=1, bbox_to_anchor=(1.0, 1.0), loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no interpretable units", transform=ax.transAxes, ha="center", va="center")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return fig
+
+
 def write_summary_figure(path_without_suffix: Path, dis: Dissection,
                          formats: Sequence[str] = ("pdf", "png", "svg")) -> list[Path]:
-    """Interpretable units per category (bars) per layer: ``figures/dissect_summary.*``."""
-    from neurosem.analysis._plotstyle import category_palette, new_figure, plot_style, save_figure
+    """:func:`summary_figure` as ``figures/dissect_summary.*``."""
+    from neurosem.analysis._plotstyle import plot_style, save_figure
 
-    cats = list(dis.categories)
-    counts = np.array([[dis.counts(layer)[c] for c in cats] for layer in dis.layers], dtype=float)
-    pal = category_palette(cats)
     with plot_style():
-        fig, ax = new_figure(figsize=(max(3.2, 0.9 * len(dis.layers) + 1.6), 2.4))
-        n = max(1, len(cats))
-        width = 0.8 / n
-        x = np.arange(len(dis.layers))
-        for k, c in enumerate(cats):
-            ax.bar(x - 0.4 + width * (k + 0.5), counts[:, k], width, label=c, color=pal[c])
-        from matplotlib.ticker import MaxNLocator
-
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xticks(x)
-        ax.set_xticklabels(dis.layers, rotation=30 if len(dis.layers) > 4 else 0)
-        ax.set_ylabel("interpretable units")
-        ax.set_title(f"units with IoU \u2265 {dis.iou_threshold:g}")
-        ax.legend(frameon=False, fontsize="small", ncol=1, bbox_to_anchor=(1.0, 1.0), loc="upper left")
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(False)
-        return save_figure(fig, path_without_suffix, tuple(formats), close=True)
+        return save_figure(summary_figure(dis), path_without_suffix, tuple(formats), close=True)
 
 
 # ------------------------------------------------------------------------------------ HTML

@@ -162,3 +162,27 @@ def test_summary_figure_files(run, tmp_path):
     paths = write_summary_figure(tmp_path / "figures" / "dissect_summary", load_dissection(run))
     assert sorted(p.suffix for p in paths) == [".pdf", ".png", ".svg"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_summary_figure_shows_only_categories_with_units_in_distinct_colours(tmp_path):
+    from matplotlib.colors import to_rgb
+
+    from neurosem.analysis._plotstyle import CATEGORY_COLORS
+    from neurosem.dissect.report import summary_figure
+
+    args = {"quantile": 0.005, "iou_threshold": 0.04, "layers": ["layer4"], "broden": "B"}
+    write_dissection(tmp_path / "dissect.h5", args, "abc", np.array([3, 5, 8, 9, 12]), NAMES, LABEL_CATS,
+                     np.array([10, 20, 30, 40, 50]), CATEGORIES + ["part"], [_layer("layer4")])
+    d = load_dissection(tmp_path)
+    fig = summary_figure(d)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    present = [c for c in d.categories if any(d.counts(layer)[c] for layer in d.layers)]
+    assert labels == present and set(present) < set(d.categories)       # empty categories: no entry
+    heights = sorted(round(p.get_height()) for p in ax.patches)
+    expected = sorted(d.counts(layer)[c] for layer in d.layers for c in present)
+    assert heights == expected
+    # the six Broden categories: every pair far apart in RGB (no two near-identical hues)
+    rgb = np.array([to_rgb(c) for c in CATEGORY_COLORS.values()])
+    dist = np.sqrt(((rgb[:, None] - rgb[None]) ** 2).sum(-1))
+    assert dist[np.triu_indices(len(rgb), 1)].min() > 0.3
