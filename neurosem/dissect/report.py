@@ -70,8 +70,31 @@ def write_dissection(path: Path, args: dict[str, Any], broden_fingerprint: str,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    from neurosem.run import check_free_space, disk_full_error, is_disk_full
+
+    needed = sum(np.asarray(ld.iou).size * 4 + (0 if ld.top_maps is None else np.asarray(ld.top_maps).nbytes)
+                 + np.asarray(ld.threshold).size * 64 for ld in layers) + 2 ** 16
+    check_free_space(path, needed, "; the activations are kept")
+    try:
+        _write_dissection_file(tmp, args, broden_fingerprint, label_numbers, label_names, label_categories,
+                               label_gt, categories, layers)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full_error(path, needed, "; the activations are kept") from None
+        raise
+    os.replace(tmp, path)
+    return path
+
+
+def _write_dissection_file(tmp: Path, args: dict[str, Any], broden_fingerprint: str,
+                           label_numbers: np.ndarray, label_names: Sequence[str],
+                           label_categories: Sequence[str], label_gt: np.ndarray,
+                           categories: Sequence[str], layers: Sequence[LayerDissection]) -> None:
+    import h5py
+
     cat_index = {c: i for i, c in enumerate(categories)}
-    with h5py.File(tmp, "w") as f:
+    with h5py.File(tmp, "w", rdcc_nbytes=0) as f:   # no chunk cache: a full disk fails cleanly
         f.attrs["format"] = FORMAT
         f.attrs["version"] = VERSION
         f.attrs["args"] = json.dumps(args, sort_keys=True)
@@ -101,8 +124,6 @@ def write_dissection(path: Path, args: dict[str, Any], broden_fingerprint: str,
             if ld.top_maps is not None:
                 g.create_dataset("top_maps", data=np.asarray(ld.top_maps))
             assert all(c in cat_index for c in best_cat if c)
-    os.replace(tmp, path)
-    return path
 
 
 def float32_floor(values: Any) -> np.ndarray:

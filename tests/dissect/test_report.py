@@ -186,3 +186,20 @@ def test_summary_figure_shows_only_categories_with_units_in_distinct_colours(tmp
     rgb = np.array([to_rgb(c) for c in CATEGORY_COLORS.values()])
     dist = np.sqrt(((rgb[:, None] - rgb[None]) ** 2).sum(-1))
     assert dist[np.triu_indices(len(rgb), 1)].min() > 0.3
+
+
+def test_a_full_disk_while_writing_dissect_h5_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
+    import errno
+
+    import neurosem.dissect.report as rep
+    from neurosem.errors import DiskFullError
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rep, "_write_dissection_file", full)
+    args = {"quantile": 0.005, "iou_threshold": 0.04, "layers": ["layer4"], "broden": "B"}
+    with pytest.raises(DiskFullError, match="not enough disk space for .*dissect.h5.*the activations are kept"):
+        write_dissection(tmp_path / "dissect.h5", args, "abc", np.array([3, 5, 8, 9, 12]), NAMES, LABEL_CATS,
+                         np.array([10, 20, 30, 40, 50]), CATEGORIES, [_layer("layer4")])
+    assert list(tmp_path.iterdir()) == []
