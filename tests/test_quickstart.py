@@ -1,7 +1,8 @@
 """The quickstart runs every stage, and what it reports is real.
 
-One reduced quickstart (128 images, 10 epochs) runs per module; a random-weights model of the same
-architecture is recorded and dissected on the same data for comparison.
+One quickstart with the default sizes (128 images, 10 epochs; what `neurosem quickstart` runs) per
+module; a random-weights model of the same architecture is recorded and dissected on the same data
+for comparison. The README's quoted findings and counts must be this run's.
 """
 import json
 
@@ -14,7 +15,7 @@ from neurosem.quickstart import TINY_CNN, QuickstartConfig, best_detector, quick
 @pytest.fixture(scope="module")
 def qs(tmp_path_factory):
     out = tmp_path_factory.mktemp("qs") / "quickstart"
-    cfg = QuickstartConfig(out=str(out), n_images=128, epochs=10, device="cpu", progress=False)
+    cfg = QuickstartConfig(out=str(out), device="cpu", progress=False)       # the defaults
     summary = quickstart(config=cfg)
     return out, cfg, summary
 
@@ -119,3 +120,32 @@ def test_report_opens_offline_in_a_real_browser(qs, tmp_path):
 
     n_units = load_dissection(out).iou("layer4").shape[0]
     assert check_html(pages[1]).images_total == 4 * n_units
+
+
+def _readme() -> str:
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_readme_quotes_what_the_quickstart_prints(qs):
+    """The README's findings, counts table and query table are this run's output, to the digit."""
+    from neurosem.analysis.commands import query_report
+    from neurosem.dissect import load_dissection
+
+    out, _, summary = qs
+    text = _readme()
+    block = text.split("Findings you can check:\n", 1)[1].split("```", 1)[0]
+    quoted = [line.strip().split(". ", 1)[1] for line in block.strip().splitlines()]
+    assert quoted == [f["text"] for f in summary["findings"]]
+    dis = load_dissection(out)
+    header = "| layer | units | interpretable | " + " | ".join(dis.categories) + " |"
+    assert header in text, header
+    for layer in dis.layers:
+        counts = dis.counts(layer)
+        row = (f"| {layer} | {dis.n_units(layer)} | {sum(counts.values())} | "
+               + " | ".join(str(counts[c]) for c in dis.categories) + " |")
+        assert row in text, row
+    unit = summary["findings"][0]["data"]["neuron"]
+    table = query_report(out, unit, k=3).replace(str(out), "runs/quickstart")
+    assert table in text, table
