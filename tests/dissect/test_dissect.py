@@ -370,3 +370,30 @@ def test_unknown_label_in_a_png_and_mixed_sizes(tiny_broden, tmp_path):
     (root / "index.csv").write_text("\n".join([rows[0], rows[1], ",".join(fields), *rows[3:]]) + "\n")
     with pytest.raises(DataError, match="different sizes"):
         dissect(run=run, broden=root, progress=False)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_torch_and_cpu_engines_give_the_same_passes(planted, synthetic_broden, cache):
+    """The GPU path (torch tally) and the compiled CPU kernels: the same thresholds, tallies and top
+    images, with labels from the cache or straight from the PNGs."""
+    from neurosem.data.broden import BrodenDataset
+    from neurosem.data.label_cache import open_label_cache
+    from neurosem.dissect._kernels import HAVE_NUMBA
+    from neurosem.dissect.passes import LabelSource, run_passes
+    from neurosem.store import ActivationStore
+
+    if not HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    run, _ = planted
+    ds = BrodenDataset(synthetic_broden)
+    src = LabelSource(ds, open_label_cache(ds, progress=False) if cache else None)
+    with ActivationStore.open(run / "activations.h5") as store:
+        a = run_passes(store, ["fine", "coarse"], src, QUANTILE, "cpu", "cpu", 7, 3, False)
+        b = run_passes(store, ["fine", "coarse"], src, QUANTILE, "torch", torch.device("cpu"), 16, 3, False)
+    for name in ("fine", "coarse"):
+        np.testing.assert_array_equal(a[name].threshold, b[name].threshold)
+        for field in ("labels", "gt", "both", "act", "unit_pixels"):
+            np.testing.assert_array_equal(getattr(a[name].result, field), getattr(b[name].result, field))
+        np.testing.assert_array_equal(a[name].result.iou, b[name].result.iou)
+        np.testing.assert_array_equal(a[name].top.images, b[name].top.images)
+        np.testing.assert_array_equal(a[name].top.sizes, b[name].top.sizes)
