@@ -139,7 +139,7 @@ def lite_like(store_path: Path, root: Path, layers: list[str], categories: list[
             "labels": cols, "iou": iou}
 
 
-def _child(run: str, broden: str, device: str, report: bool) -> None:
+def _child(run: str, broden: str, device: str, report: bool, threads: int | None = None) -> None:
     """In a fresh process: one dissect() call; prints JSON (wall time, stages, peak RSS)."""
     from neurosem.dissect import dissect
 
@@ -154,7 +154,8 @@ def _child(run: str, broden: str, device: str, report: bool) -> None:
 
     before = rss_mb()
     t0 = time.perf_counter()
-    dis = dissect(run=run, broden=broden, categories=CATEGORIES, device=device, progress=False, report=report)
+    dis = dissect(run=run, broden=broden, categories=CATEGORIES, device=device, progress=False, report=report,
+                  threads=threads)
     wall = time.perf_counter() - t0
     out = {"wall_s": wall, "stages": dis.timings, "rss_before_mb": before,
            "rss_peak_mb": hwm_mb(),
@@ -163,11 +164,11 @@ def _child(run: str, broden: str, device: str, report: bool) -> None:
 
 
 def run_child(run: Path, broden: Path, device: str = "auto", report: bool = True, fresh: bool = True,
-              env: dict | None = None) -> dict:
+              env: dict | None = None, threads: int = 0) -> dict:
     if fresh and (run / "dissect.h5").exists():
         (run / "dissect.h5").unlink()
     proc = subprocess.run([sys.executable, __file__, "--child", str(run), str(broden), device,
-                           "report" if report else "no-report"], capture_output=True, text=True,
+                           "report" if report else "no-report", str(threads)], capture_output=True, text=True,
                           env={**os.environ, "NEUROSEM_NO_PROGRESS": "1", **(env or {})})
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
@@ -199,10 +200,10 @@ def main() -> None:
     ap.add_argument("--busy", type=int, default=1, help="CPU-bound processes running meanwhile (default 1)")
     ap.add_argument("--quick", action="store_true", help="200 images (a smoke run)")
     ap.add_argument("--keep", default=None, help="keep the data in this directory (and reuse it)")
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        _child(args.child[0], args.child[1], args.child[2], args.child[3] == "report")
+        _child(args.child[0], args.child[1], args.child[2], args.child[3] == "report", int(args.child[4]) or None)
         return
     n = 200 if args.quick else args.images
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="neurosem-bench-dissect-"))
@@ -230,6 +231,7 @@ def main() -> None:
             cold = run_child(run, broden)
             warm = run_child(run, broden)
             bare = run_child(run, broden, report=False)
+            by_threads = {t: run_child(run, broden, report=False, threads=t) for t in (1, os.cpu_count() or 1)}
             t0 = time.perf_counter()
             (run / "dissect.h5").unlink()
             subprocess.run([sys.executable, "-m", "neurosem", "dissect", "--broden", str(broden), "--run", str(run),
@@ -267,6 +269,8 @@ def main() -> None:
         row("  building the label cache (once per Broden)", cold["stages"]["labels"], ref["labels_s"])
         row("dissect(--no-report), cache warm", bare["wall_s"], ref["total_s"])
         row("`neurosem dissect` command (process start-up too)", cli, ref["total_s"])
+        for t, r in by_threads.items():
+            row(f"  --no-report --threads {t}: thresholds + tally", r["stages"]["thresholds"] + r["stages"]["tally"], ref_tt)
         print(f"IoU against the reference: max |difference| {max(diffs):.2e}; same best label for "
               f"{equal}/{units} units (PIL upsamples in float32, neurosem exactly in float64)")
         print(f"label cache: {cache_mb:.1f} MB for {n} images ({cache_mb * 1024 / n:.1f} kB per image; "

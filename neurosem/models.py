@@ -244,6 +244,13 @@ def _torchvision_pretrained(tv: Any, name: str, w: Any) -> "nn.Module":
     fname = w.url.rsplit("/", 1)[-1]
     cache = weights_cache_dir()
     cached = (cache / fname).is_file()
+    if cached:
+        # torchvision reads the cached file with torch.load(weights_only=False): a planted file
+        # there would run code. Read it tensors-only first; only a clean file reaches torchvision.
+        from neurosem._torchfile import load_tensors
+
+        load_tensors(cache / fname, "cached weights file",
+                     "delete it so it is downloaded again, or pass --weights FILE")
     try:
         if cached:
             return tv.models.get_model(name, weights=w)

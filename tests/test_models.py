@@ -453,3 +453,18 @@ def test_download_line_goes_to_stderr_once_the_download_runs(capsys):
     with HeldDownloadLine().active():                     # no progress at all: written at the end
         sys.stdout.write('Downloading: "u" to f\n')
     assert capsys.readouterr() == ("", 'Downloading: "u" to f\n')
+
+
+def test_a_planted_file_in_the_torch_cache_is_refused_without_running_it(tmp_path, monkeypatch):
+    """torchvision reads its cache with weights_only=False; neurosem checks the file tensors-only first."""
+    import neurosem.models as models
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = models.weights_cache_dir()
+    cache.mkdir(parents=True)
+    marker = tmp_path / "marker"
+    torch.save({"fc.weight": torch.zeros(1), "x": _Payload(marker)}, cache / "resnet18-f37072fd.pth")
+    with pytest.raises(NeurosemError, match=r"cached weights file .*resnet18-f37072fd.pth holds objects other "
+                                            r"than tensors \(posix.system\)"):
+        load_model("resnet18", weights="default")
+    assert not marker.exists()
