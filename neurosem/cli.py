@@ -253,12 +253,15 @@ def record(model: str, data: str, layers: tuple[str, ...], run: str | None, weig
               help="Where the decoded Broden labels are kept [default: $NEUROSEM_CACHE_DIR, else "
                    "~/.cache/neurosem]; 'none' decodes the label PNGs on every run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (counts per layer and category, files) as JSON.")
+@click.option("--no-store", is_flag=True,
+              help="Run MODEL on the images in each of the two passes instead of writing activations.h5 "
+                   "(no disk for the activations; one more forward pass, cheap on a GPU).")
 @_device_option
 @_quiet_option
 def dissect(model: str | None, broden: str, run: str | None, layers: tuple[str, ...], weights: str,
             quantile: float, iou_threshold: float, categories: tuple[str, ...], batch_size: int,
             top: int, no_report: bool, threads: int | None, label_cache: str | None, as_json: bool,
-            device: str, quiet: bool) -> None:
+            no_store: bool, device: str, quiet: bool) -> None:
     """NetDissect: IoU of every unit against every Broden concept.
 
     Records the activations first when the run has none. Writes dissect.h5, dissect/<layer>.csv,
@@ -270,13 +273,14 @@ def dissect(model: str | None, broden: str, run: str | None, layers: tuple[str, 
       neurosem dissect resnet18 --broden data/broden1_224 --layers layer4
       neurosem dissect --run runs/resnet18 --broden data/broden1_224 --no-report --json
       neurosem dissect --run runs/resnet18 --broden data/broden1_224 --threads 1   (a busy machine)
+      neurosem dissect resnet18 --broden data/broden1_224 --no-store               (no activations.h5)
     """
     from neurosem.dissect import dissect as run_dissect
 
     result = run_dissect(run=run, broden=broden, model=model, layers=_split(layers), quantile=quantile,
                          iou_threshold=iou_threshold, categories=_split(categories), device=device,
                          batch_size=batch_size, weights=weights, progress=not quiet, top=top,
-                         report=not no_report, threads=threads, label_cache=label_cache)
+                         report=not no_report, threads=threads, label_cache=label_cache, no_store=no_store)
     if as_json:
         from neurosem.dissect.report import summary_json
 

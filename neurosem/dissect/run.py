@@ -211,7 +211,7 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
             quantile: float = 0.005, iou_threshold: float = 0.04, categories: Sequence[str] | None = None,
             device: str = "auto", batch_size: int = 64, weights: str = "default",
             progress: bool = True, top: int = TOP_IMAGES, report: bool = True, threads: int | None = None,
-            label_cache: Any = None) -> "Dissection":
+            label_cache: Any = None, no_store: bool = False) -> "Dissection":
     """NetDissect every unit of ``layers`` against the Broden concepts.
 
     Args:
@@ -232,6 +232,9 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
         threads: CPU threads (default: the idle cores, :func:`~neurosem.dissect.passes.auto_threads`).
         label_cache: the label cache root (default ``$NEUROSEM_CACHE_DIR`` or ``~/.cache/neurosem``),
             or ``"none"`` to decode the label PNGs on every run.
+        no_store: run the model on the Broden images in each pass instead of reading (or writing)
+            ``activations.h5`` (:class:`~neurosem.dissect.stream.ModelStream`): no disk for the
+            activations, one more forward pass.
 
     Returns:
         The :class:`~neurosem.dissect.report.Dissection` read back from ``dissect.h5``, with
@@ -264,9 +267,16 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
     n_threads = _set_threads(threads, engine)
     spec = getattr(model, "spec", model)
     rd = resolve_run(run, spec)
-    act_path = _activations(rd, model, ds.root, layers, weights, batch_size, device, progress)
+    if no_store:
+        from neurosem.dissect.stream import ModelStream
 
-    with ActivationStore.open(act_path) as store:
+        act_path = Path(f"<{getattr(model, 'spec', model)} on {ds.root}, not stored>")
+        opened: Any = ModelStream(model, ds.root, layers, weights, device)
+    else:
+        act_path = _activations(rd, model, ds.root, layers, weights, batch_size, device, progress)
+        opened = ActivationStore.open(act_path)
+
+    with opened as store:
         if not store.complete:
             raise NeurosemError(f"{act_path} is incomplete ({store.n_done} images): resume it with "
                                 f"`neurosem record MODEL --data {ds.root} --run {rd.path}`")
@@ -286,7 +296,7 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
             "categories": list(ds.categories), "layers": names, "broden": str(ds.root),
             "broden_fingerprint": ds.fingerprint(), "n_images": n, "label_size": list(ds.seg_size),
             "activations": {k: prov.get(k) for k in _ACT_IDENTITY}, "store_id": store.store_id,
-            "method_version": METHOD_VERSION, "top": top,
+            "method_version": METHOD_VERSION, "top": top, "no_store": bool(no_store),
         }
 
         reuse: dict[str, LayerDissection] = {}
