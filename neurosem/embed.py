@@ -207,12 +207,19 @@ class PbarAccumulator:
             raise ValueError(f"expected activations [B, {self.n_units}, ...] for layer {self.name!r}; "
                              f"got {tuple(x.shape)}")
         x = x.flatten(2)
-        check_finite(x, self.name, start, image_ids)
+        part = sum_similarity_probs(x, self.temperature, torch.float64 if x.device.type != "mps"
+                                    else torch.float32)
+        # A NaN/Inf activation makes its image's rows NaN, so checking the [C, C] sum finds every
+        # one (the [B, C, D] batch is searched only then, to name the image).
+        if not bool(torch.isfinite(part).all()):
+            check_finite(x, self.name, start, image_ids)
+            where = "a batch" if start is None else f"the batch from image {start}"
+            raise NeurosemError(f"P-bar of layer {self.name!r} is NaN/Inf in {where}: check the model's "
+                                "activations, then record again with --force")
         if self._sum is None:
             dev = accumulation_device(self._device or x.device)
             self._sum = torch.zeros(self.n_units, self.n_units, dtype=torch.float64, device=dev)
-        self._sum += sum_similarity_probs(x, self.temperature, torch.float64 if x.device.type != "mps"
-                                          else torch.float32).to(self._sum.device, torch.float64)
+        self._sum += part.to(self._sum.device, torch.float64)
         self.count += x.shape[0]
 
     def result(self) -> "torch.Tensor":
