@@ -411,3 +411,22 @@ def test_fit_same_bits_whatever_torch_threads():
         torch.set_num_threads(before)
     assert np.array_equal(one.vectors["l"], two.vectors["l"])
     assert np.array_equal(one.history_loss, two.history_loss)
+
+
+def test_pbar_layers_side_by_side_equal_one_by_one():
+    g = torch.Generator().manual_seed(1)
+    acts = {"a": torch.rand(10, 5, 4, 4, generator=g), "b": torch.rand(10, 70, 3, 3, generator=g),
+            "c": torch.rand(10, 3, 8, 8, generator=g).half()}
+    batches = [(s, {l: a[s:s + 4] for l, a in acts.items()}) for s in range(0, 10, 4)]
+    n_units = {l: a.shape[1] for l, a in acts.items()}
+    one = accumulate_pbar(batches, n_units, 0.7, workers=1)
+    three = accumulate_pbar(batches, n_units, 0.7, workers=3)
+    assert list(three) == ["a", "b", "c"] and all(torch.equal(one[l], three[l]) for l in acts)
+    for l in acts:                                          # each layer as if accumulated alone
+        assert torch.equal(three[l], accumulate_pbar([(s, {l: b[l]}) for s, b in batches], {l: n_units[l]}, 0.7)[l])
+    threads = torch.get_num_threads()
+    acts["c"][8, 0, 0, 0] = float("nan")                     # same batch as b's, a later layer
+    acts["b"][9, 0, 0, 0] = float("nan")
+    with pytest.raises(NeurosemError, match=r"layer 'b' are NaN/Inf at image 9"):  # the first layer's error
+        accumulate_pbar(batches, n_units, workers=3)
+    assert torch.get_num_threads() == threads               # restored after an error too
