@@ -11,7 +11,9 @@ allocated. Then, per stage, least-squares lines ``time = a + b n`` and ``disk = 
 values at ``--target`` images, ``activations.h5`` per layer at that size (bytes per image x n), and
 the peak memory; memory must not grow with n: a stage whose peak RSS grows by more than
 ``--rss-slack`` (default 25 %) from the smallest to the largest size is flagged ``GROWS`` and the
-script exits 1. The load average is printed before and after each stage (a shared machine makes
+script exits 1. (``embed`` reads the store 256 images at a time with one batch read ahead, so
+its peak RSS rises until 512 images and is flat from there: compare sizes >= 512 for it.) The
+load average is printed before and after each stage (a shared machine makes
 the times noisy, not the memory or the bytes). The table is printed and written as JSON.
 
 Usage: python benchmarks/scale.py [--sizes 250,500,1000,2000] [--device auto] [--keep DIR]
