@@ -300,23 +300,25 @@ def accumulate_pbar(batches: Iterable[tuple[int, Mapping[str, Any]]], n_units: M
     threads = torch.get_num_threads()
     pool = None
     try:
-        if on_cpu:
-            torch.set_num_threads(1)
         if n_workers > 1:
             from concurrent.futures import ThreadPoolExecutor
 
             pool = ThreadPoolExecutor(n_workers)
-        for start, acts in batches:
-            if pool is None:
-                for layer, acc in accs.items():
-                    acc.add(acts[layer], start, image_ids)
-            else:
-                for _ in pool.map(lambda item: item[1].add(acts[item[0]], start, image_ids), accs.items()):
-                    pass                                    # re-raises the first layer's error
+        for start, acts in batches:                         # (a model may compute them: all threads)
+            if on_cpu:
+                torch.set_num_threads(1)
+            try:
+                if pool is None:
+                    for layer, acc in accs.items():
+                        acc.add(acts[layer], start, image_ids)
+                else:
+                    for _ in pool.map(lambda item: item[1].add(acts[item[0]], start, image_ids), accs.items()):
+                        pass                                # re-raises the first layer's error
+            finally:
+                torch.set_num_threads(threads)
     finally:
         if pool is not None:
             pool.shutdown()
-        torch.set_num_threads(threads)
     return {layer: acc.result() for layer, acc in accs.items()}
 
 
