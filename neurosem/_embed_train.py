@@ -90,7 +90,10 @@ def train_fit(pbar: "Mapping[str, torch.Tensor]", dim: int = 16, temperature: fl
     """Minimise eq. 1 against P-bar at full batch, one layer at a time (the layers are independent).
 
     L-BFGS (history 20, backtracking Armijo line search) in float64 with the analytic gradient
-    (:func:`loss_and_grad`). A layer stops when its loss fell by at most ``tol * max(1, |loss|)``
+    (:func:`loss_and_grad`). On the CPU it runs on one torch thread: the [C, C] operations are too
+    small to gain from more (threads that wait for each other made it 3x slower on a busy
+    2-core machine), and torch splits large sums differently for each thread count, so this
+    makes the vectors the same to the bit on every machine. A layer stops when its loss fell by at most ``tol * max(1, |loss|)``
     over the last ``window`` steps, or after ``max_steps``. Snapshots: the initialisation, steps
     1, 2, 4, 8, ... and the last step.
 
@@ -113,12 +116,18 @@ def train_fit(pbar: "Mapping[str, torch.Tensor]", dim: int = 16, temperature: fl
 
     layers = list(pbar)
     per_layer: dict[str, tuple[list[float], dict[int, np.ndarray], int, bool]] = {}
+    threads = torch.get_num_threads()
     for layer in _progress(layers, desc="fit", enabled=progress, unit="layer"):
         P = pbar[layer]
         dev = accumulation_device(torch.device(device) if device is not None else P.device)
         P = P.to(dev, torch.float64)
         S0 = init_vectors(P.shape[0], dim, seed, layer).to(dev)
-        per_layer[layer] = _fit_layer(P, S0, temperature, max_steps, tol, window)
+        if dev.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            per_layer[layer] = _fit_layer(P, S0, temperature, max_steps, tol, window)
+        finally:
+            torch.set_num_threads(threads)
 
     total = max(last for _, _, last, _ in per_layer.values())
     steps = np.arange(total + 1, dtype=np.int64)

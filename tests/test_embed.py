@@ -382,3 +382,51 @@ def test_embed_bad_activations(tmp_path):
     assert not (run / "embedding.h5").exists()
     # the good layer alone still works (the run's other layers are untouched)
     assert embed(run=run, layers=["a"], dim=2, device="cpu", progress=False).exists()
+
+
+def test_pbar_nan_in_one_map_of_many_and_minus_inf():
+    acts = torch.rand(6, 4, 3, 3, dtype=torch.float16)
+    acts[3, 2, 1, 1] = float("-inf")
+    with pytest.raises(NeurosemError, match=r"layer 'c' are NaN/Inf at image 9 \(img9\)"):
+        accumulate_pbar([(6, {"c": acts})], {"c": 4}, image_ids=[f"img{i}" for i in range(12)])
+    acc = PbarAccumulator(4, name="c")
+    acc.add(torch.zeros(2, 4, 3, 3))                                 # all-zero maps are finite
+    assert torch.equal(acc.result(), torch.full((4, 4), 0.25, dtype=torch.float64))
+
+
+def test_fit_same_bits_whatever_torch_threads():
+    """The fit runs on one torch thread, so torch's thread count (which splits sums of > 32768
+    elements differently) cannot change the vectors; the caller's setting is restored."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(256, 40, generator=g) ** 4
+    P = torch.softmax(cosine_matrix(x.double()) / 0.2, dim=1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = train_fit({"l": P}, dim=8, temperature=0.2, max_steps=25)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        one = train_fit({"l": P}, dim=8, temperature=0.2, max_steps=25)
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(one.vectors["l"], two.vectors["l"])
+    assert np.array_equal(one.history_loss, two.history_loss)
+
+
+def test_pbar_layers_side_by_side_equal_one_by_one():
+    g = torch.Generator().manual_seed(1)
+    acts = {"a": torch.rand(10, 5, 4, 4, generator=g), "b": torch.rand(10, 70, 3, 3, generator=g),
+            "c": torch.rand(10, 3, 8, 8, generator=g).half()}
+    batches = [(s, {l: a[s:s + 4] for l, a in acts.items()}) for s in range(0, 10, 4)]
+    n_units = {l: a.shape[1] for l, a in acts.items()}
+    one = accumulate_pbar(batches, n_units, 0.7, workers=1)
+    three = accumulate_pbar(batches, n_units, 0.7, workers=3)
+    assert list(three) == ["a", "b", "c"] and all(torch.equal(one[l], three[l]) for l in acts)
+    for l in acts:                                          # each layer as if accumulated alone
+        assert torch.equal(three[l], accumulate_pbar([(s, {l: b[l]}) for s, b in batches], {l: n_units[l]}, 0.7)[l])
+    threads = torch.get_num_threads()
+    acts["c"][8, 0, 0, 0] = float("nan")                     # same batch as b's, a later layer
+    acts["b"][9, 0, 0, 0] = float("nan")
+    with pytest.raises(NeurosemError, match=r"layer 'b' are NaN/Inf at image 9"):  # the first layer's error
+        accumulate_pbar(batches, n_units, workers=3)
+    assert torch.get_num_threads() == threads               # restored after an error too

@@ -36,220 +36,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from neurosem._progress import progress as _progress
+from neurosem.analysis._kl_math import (  # noqa: F401  (the math, re-exported)
+    COS_EPS, _evaluator, _torch_kl_and_grad, cosine_matrix, default_workers, evaluation_device, kl_and_grad,
+    kl_divergence, kl_per_snapshot, one_blas_thread, optimise_kl, random_baseline, random_init,
+    similarity_log_probs, upper_bound, upper_bounds)
 from neurosem.errors import NeurosemError, RunMismatchError
-
-#: Norm floor of the cosines: the embedding's (``neurosem.embed.EPS``), so both treat zero rows alike.
-COS_EPS = 1e-12
-
-
-# --------------------------------------------------------------------------------------- the math
-def cosine_matrix(x: np.ndarray, eps: float = COS_EPS) -> np.ndarray:
-    """Pairwise cosines of the rows of ``x: [C, D]`` -> ``[C, C]`` (float64).
-
-    Rows are divided by ``max(‖x_i‖, eps)``, so an all-zero row has cosine 0 with every row.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"expected a [C, D] matrix, got shape {x.shape}")
-    norms = np.linalg.norm(x, axis=1)
-    xn = x / np.maximum(norms, eps)[:, None]
-    return xn @ xn.T
-
-
-def similarity_log_probs(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """``log softmax_j cos(x_i, x_j) / τ`` for ``x: [C, D]`` -> ``[C, C]`` (rows sum to 1 in prob)."""
-    from scipy.special import log_softmax
-
-    if not temperature > 0:
-        raise NeurosemError(f"temperature must be > 0, got {temperature}")
-    return log_softmax(cosine_matrix(x) / float(temperature), axis=1)
-
-
-def kl_divergence(targets: np.ndarray, vectors: np.ndarray, temperature: float = 1.0) -> float:
-    """``mean_i KL(P_T(·|i) ‖ Q_S(·|i))`` for ``targets: [C, L]`` and ``vectors: [C, K]``.
-
-    Example:
-        >>> T = np.array([[1.0, 0.0], [0.0, 1.0]])
-        >>> kl_divergence(T, np.array([[1.0, 0.0], [1.0, 0.0]])) > 0
-        True
-    """
-    targets = np.asarray(targets)
-    vectors = np.asarray(vectors)
-    if targets.shape[0] != vectors.shape[0]:
-        raise ValueError(f"targets have {targets.shape[0]} rows, vectors {vectors.shape[0]}")
-    log_p = similarity_log_probs(targets, temperature)
-    log_q = similarity_log_probs(vectors, temperature)
-    p = np.exp(log_p)
-    return float(np.mean(np.sum(p * (log_p - log_q), axis=1)))
-
-
-def kl_per_snapshot(targets: np.ndarray, snapshots: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """KL of each snapshot ``snapshots: [T, C, K]`` against ``targets: [C, L]`` -> ``[T]``."""
-    from scipy.special import log_softmax
-
-    log_p = similarity_log_probs(targets, temperature)
-    p = np.exp(log_p)
-    neg_entropy = float(np.mean(np.sum(p * log_p, axis=1)))
-    out = np.empty(len(snapshots), dtype=np.float64)
-    for t, s in enumerate(snapshots):
-        log_q = log_softmax(cosine_matrix(s) / float(temperature), axis=1)
-        out[t] = neg_entropy - float(np.mean(np.sum(p * log_q, axis=1)))
-    return out
-
-
-def random_init(n_units: int, dim: int, seed: int) -> np.ndarray:
-    """The embedding's random initialisation: i.i.d. standard normal ``[C, K]`` (float64)."""
-    return np.random.default_rng(seed).standard_normal((n_units, dim))
-
-
-def random_baseline(targets: np.ndarray, dim: int, temperature: float = 1.0, n_seeds: int = 10,
-                    seed: int = 0) -> np.ndarray:
-    """KL of ``n_seeds`` random initialisations ``[C, dim]`` (seeds ``seed .. seed+n_seeds-1``) -> ``[n_seeds]``."""
-    if n_seeds < 1:
-        raise NeurosemError(f"n_random must be >= 1, got {n_seeds}")
-    c = int(np.asarray(targets).shape[0])
-    return np.array([kl_divergence(targets, random_init(c, dim, seed + r), temperature)
-                     for r in range(n_seeds)])
-
-
-def kl_and_grad(S: np.ndarray, log_p: np.ndarray, temperature: float = 1.0,
-                p: np.ndarray | None = None, neg_entropy: float | None = None) -> tuple[float, np.ndarray]:
-    """``mean_i KL(P(·|i) ‖ Q_S(·|i))`` and its gradient with respect to ``S: [C, K]`` (float64).
-
-    ``log_p: [C, C]`` are the target log-probabilities (``p = exp(log_p)`` and ``neg_entropy =
-    mean_i Σ_j p log p`` may be passed precomputed). With ``Z = cos(S)/τ`` the row-wise softmax gives
-    ``∂KL/∂Z = (Q − P)/C``; through ``Z = Ŝ Ŝᵀ/τ`` and ``ŝ_i = s_i/‖s_i‖`` this is
-    ``∂KL/∂s_i = (g_i − (g_i·ŝ_i) ŝ_i)/‖s_i‖`` with ``g = (G + Gᵀ) Ŝ / τ``.
-    """
-    c = S.shape[0]
-    if p is None:
-        p = np.exp(log_p)
-    if neg_entropy is None:
-        neg_entropy = float(np.sum(p * log_p) / c)
-    norms = np.maximum(np.linalg.norm(S, axis=1), COS_EPS)
-    Sn = S / norms[:, None]
-    Z = Sn @ Sn.T / temperature
-    Z -= Z.max(axis=1, keepdims=True)
-    E = np.exp(Z)
-    total = E.sum(axis=1, keepdims=True)
-    log_q = Z - np.log(total)
-    value = neg_entropy - float(np.sum(p * log_q) / c)
-    G = (E / total - p) / c
-    g = (G + G.T) @ Sn / temperature
-    grad = (g - np.sum(g * Sn, axis=1, keepdims=True) * Sn) / norms[:, None]
-    return value, grad
-
-
-def _torch_kl_and_grad(device: Any, log_p: np.ndarray, temperature: float) -> Any:
-    """:func:`kl_and_grad` evaluated with torch on ``device`` (float64): ``S [C, K] -> (kl, grad)``."""
-    import torch
-
-    lp = torch.as_tensor(log_p, dtype=torch.float64, device=device)
-    p = lp.exp()
-    c = lp.shape[0]
-    neg_entropy = float((p * lp).sum()) / c
-
-    def evaluate(S: np.ndarray) -> tuple[float, np.ndarray]:
-        s = torch.as_tensor(S, dtype=torch.float64, device=device)
-        norms = s.norm(dim=1).clamp_min(COS_EPS)
-        sn = s / norms[:, None]
-        log_q = torch.log_softmax(sn @ sn.T / temperature, dim=1)
-        value = neg_entropy - float((p * log_q).sum()) / c
-        G = (log_q.exp() - p) / c
-        g = (G + G.T) @ sn / temperature
-        grad = (g - (g * sn).sum(1, keepdim=True) * sn) / norms[:, None]
-        return value, grad.cpu().numpy()
-
-    return evaluate
-
-
-def _evaluator(log_p: np.ndarray, temperature: float, device: str) -> Any:
-    """``S -> (kl, grad)``: numpy on the CPU (``device="cpu"``), torch on a CUDA device."""
-    if device != "cpu":
-        from neurosem._device import resolve_device
-
-        dev = resolve_device(device)
-        if dev.type not in ("cpu", "mps"):
-            return _torch_kl_and_grad(dev, log_p, temperature)
-    p = np.exp(log_p)
-    neg_entropy = float(np.sum(p * log_p) / log_p.shape[0])
-    return lambda S: kl_and_grad(S, log_p, temperature, p, neg_entropy)
-
-
-def optimise_kl(targets: np.ndarray, dim: int, temperature: float = 1.0, seed: int = 0,
-                init: np.ndarray | None = None, max_iter: int = 3000, rtol: float = 1e-6,
-                window: int = 10, device: str = "cpu") -> tuple[float, np.ndarray]:
-    """Minimise ``KL(P_T ‖ Q_S)`` over ``S: [C, dim]`` directly (full batch, float64 L-BFGS-B).
-
-    Starts from ``init`` when given, else from :func:`random_init` with ``seed``; deterministic.
-    Stops at a vanishing gradient, after ``max_iter`` iterations, or when the KL fell by at most
-    ``rtol`` (relative) over the last ``window`` iterations. ``device``: ``"cpu"`` evaluates with
-    numpy; ``"auto"``/``"cuda"`` evaluates the KL and its gradient with torch on the GPU when there
-    is one (the optimiser itself is scipy's, on the CPU).
-    Rows of S whose target row is all zero are held at 0: a zero vector has cosine 0 with every
-    vector, exactly as its zero target row, so those rows of Q equal the rows of P_T (uniform) and
-    the cosines with them match too — the best any S can do for them.
-    Returns ``(kl, S)`` — the KL recomputed for the returned S (the best S seen, never worse than
-    the start).
-    """
-    from scipy.optimize import minimize
-
-    targets = np.asarray(targets, dtype=np.float64)
-    c = targets.shape[0]
-    start = random_init(c, dim, seed) if init is None else np.asarray(init, dtype=np.float64).copy()
-    if start.shape != (c, dim):
-        raise ValueError(f"init has shape {start.shape}, expected {(c, dim)}")
-    live = np.any(targets != 0, axis=1)
-    start[~live] = 0.0
-    best = kl_divergence(targets, start, temperature)
-    if not live.any() or best <= 0.0:
-        return best, start
-    evaluate = _evaluator(similarity_log_probs(targets, temperature), temperature, device)
-    scale = 1.0 / best          # optimise KL / KL(start): the tolerances become relative
-
-    def full(x: np.ndarray) -> np.ndarray:
-        S = np.zeros((c, dim))
-        S[live] = x.reshape(-1, dim)
-        return S
-
-    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
-        value, grad = evaluate(full(x))
-        return value * scale, grad[live].ravel() * scale
-
-    seen: list[float] = []
-
-    def stop_when_flat(intermediate_result: Any) -> None:
-        seen.append(float(intermediate_result.fun))
-        if len(seen) > window and seen[-window - 1] - seen[-1] <= rtol * abs(seen[-1]):
-            raise StopIteration
-
-    res = minimize(fun, start[live].ravel(), jac=True, method="L-BFGS-B", callback=stop_when_flat,
-                   options={"maxiter": int(max_iter), "maxcor": 30, "ftol": 1e-15, "gtol": 1e-12})
-    cand = full(res.x)
-    value = kl_divergence(targets, cand, temperature)
-    if np.isfinite(value) and value < best:
-        return float(value), cand
-    return float(best), start
-
-
-def upper_bound(targets: np.ndarray, dim: int, temperature: float = 1.0, seed: int = 0,
-                warm_start: np.ndarray | None = None, max_iter: int = 3000, device: str = "cpu") -> dict[str, Any]:
-    """The upper bound of Fig. 4: the lowest KL found by optimising S directly.
-
-    Runs :func:`optimise_kl` from a seeded random start and, when ``warm_start`` is given (the
-    trained S), from it too; keeps the lower. Returns ``{"kl", "kl_random_start", "kl_warm_start",
-    "start"}``.
-    """
-    kl_rand, _ = optimise_kl(targets, dim, temperature, seed=seed, max_iter=max_iter, device=device)
-    out: dict[str, Any] = {"kl": kl_rand, "kl_random_start": kl_rand, "kl_warm_start": None,
-                           "start": "random"}
-    if warm_start is not None:
-        kl_warm, _ = optimise_kl(targets, dim, temperature, init=warm_start, max_iter=max_iter, device=device)
-        out["kl_warm_start"] = kl_warm
-        if kl_warm < kl_rand:
-            out.update(kl=kl_warm, start="embedding")
-    return out
 
 
 # --------------------------------------------------------------------------------------- the run
@@ -260,7 +51,7 @@ def _file_stamp(path: Path) -> dict[str, int]:
 
 def kl_curves(run: Any = None, n_random: int = 10, seed: int = 0, max_iter: int = 3000,
               warm_start: bool = True, write: bool = True, device: str = "auto",
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, workers: int | None = None) -> dict[str, Any]:
     """The Fig. 4 numbers of a run; writes ``RUN/kl.json`` and ``RUN/kl.csv``.
 
     Args:
@@ -273,7 +64,9 @@ def kl_curves(run: Any = None, n_random: int = 10, seed: int = 0, max_iter: int 
         device: where the upper-bound optimiser evaluates the KL: ``auto`` (a CUDA GPU when there is
             one, else numpy on the CPU), ``cpu``, ``cuda``... The numbers do not depend on it
             beyond float64 rounding.
-        progress: a progress bar over the layers (stderr).
+        progress: a progress bar over the upper bound's optimisations (stderr).
+        workers: threads running those optimisations side by side (default: the CPU cores); the
+            numbers do not depend on it.
 
     Returns:
         ``{"steps": [T], "step_unit", "temperature", "layers": {layer: {"embedding": [T], "final",
@@ -302,9 +95,11 @@ def kl_curves(run: Any = None, n_random: int = 10, seed: int = 0, max_iter: int 
             f"the dissection of {rd.path} has none of the embedded layers ({', '.join(emb.layers)}): "
             f"run `neurosem dissect --broden PATH --run {rd.path} --layers {','.join(emb.layers)}`")
 
+    evaluate_on = evaluation_device(device)             # resolved once for every layer and start
     out_layers: dict[str, Any] = {}
     seeds_by_layer = []
-    for name in _progress(layers, total=len(layers), desc="kl", enabled=progress, unit="layer"):
+    targets_by_layer, dims, warm_starts = {}, {}, {}
+    for name in layers:
         targets = np.asarray(dis.iou(name), dtype=np.float64)
         snaps = np.asarray(emb.snapshots(name), dtype=np.float64)
         final = np.asarray(emb.vectors(name), dtype=np.float64)
@@ -320,17 +115,20 @@ def kl_curves(run: Any = None, n_random: int = 10, seed: int = 0, max_iter: int 
         curve = kl_per_snapshot(targets, snaps, temperature)
         rand = random_baseline(targets, k, temperature, n_seeds=n_random, seed=seed)
         seeds_by_layer.append(rand)
-        ub = upper_bound(targets, k, temperature, seed=seed, max_iter=max_iter,
-                         warm_start=final if warm_start else None, device=device)
+        targets_by_layer[name], dims[name], warm_starts[name] = targets, k, final if warm_start else None
         out_layers[name] = {
             "embedding": curve.tolist(),
             "final": kl_divergence(targets, final, temperature),
             "random": {"mean": float(rand.mean()), "std": float(rand.std(ddof=1)) if len(rand) > 1 else 0.0,
                        "values": rand.tolist()},
-            "upper_bound": ub,
+            "upper_bound": None,                        # filled in below, all layers side by side
             "n_units": int(c), "dim": int(k), "n_labels": int(targets.shape[1]),
             "n_zero_targets": int(np.sum(~np.any(targets != 0, axis=1))),
         }
+    bounds = upper_bounds(targets_by_layer, dims, temperature, seed=seed, warm_starts=warm_starts,
+                          max_iter=max_iter, device=evaluate_on, workers=workers, progress=progress)
+    for name in layers:
+        out_layers[name]["upper_bound"] = bounds[name]
 
     per_seed_mean = np.mean(np.stack(seeds_by_layer), axis=0)
     mean = {

@@ -273,3 +273,86 @@ def test_read_kl_json_is_stale_after_a_new_embedding(tmp_path):
     later = time.time() + 5
     os.utime(run / "embedding.h5", (later, later))
     assert klmod.read_kl_json(run) is None
+
+
+# ------------------------------------------------------------------ speed without changing a bit
+
+def _plain_kl_and_grad(S, log_p, tau):
+    """The formula written out with fresh temporaries (kl_and_grad before its work buffers)."""
+    c = S.shape[0]
+    p = np.exp(log_p)
+    neg_entropy = float(np.sum(p * log_p) / c)
+    norms = np.maximum(np.linalg.norm(S, axis=1), klmod.COS_EPS)
+    Sn = S / norms[:, None]
+    Z = Sn @ Sn.T / tau
+    Z -= Z.max(axis=1, keepdims=True)
+    E = np.exp(Z)
+    total = E.sum(axis=1, keepdims=True)
+    value = neg_entropy - float(np.sum(p * (Z - np.log(total))) / c)
+    G = (E / total - p) / c
+    g = (G + G.T) @ Sn / tau
+    return value, (g - np.sum(g * Sn, axis=1, keepdims=True) * Sn) / norms[:, None]
+
+
+@pytest.mark.parametrize("c, k, tau", [(4, 2, 1.0), (37, 5, 0.3), (130, 16, 1.0)])
+def test_work_buffers_give_the_same_bits(c, k, tau):
+    rng = np.random.default_rng(c)
+    T = rng.uniform(0, 1, (c, 9)) * (rng.uniform(0, 1, (c, 9)) < 0.4)
+    log_p = klmod.similarity_log_probs(T, tau)
+    work = tuple(np.full((c, c), np.nan) for _ in range(3))        # garbage left in the buffers
+    for _ in range(3):                                              # reused across calls
+        S = rng.standard_normal((c, k))
+        S[0] = 0.0                                                  # a zero row
+        v0, g0 = _plain_kl_and_grad(S, log_p, tau)
+        v1, g1 = klmod.kl_and_grad(S, log_p, tau, work=work)
+        assert v1 == v0 and np.array_equal(g1, g0)
+
+
+def test_upper_bounds_side_by_side_equal_one_by_one():
+    rng = np.random.default_rng(5)
+    targets = {"a": rng.uniform(0, 1, (6, 4)), "b": T_TINY, "c": rng.uniform(0, 1, (9, 3))}
+    dims = {"a": 2, "b": 2, "c": 3}
+    warm = {"a": rng.standard_normal((6, 2)), "b": None, "c": rng.standard_normal((9, 3))}
+    one = klmod.upper_bounds(targets, dims, 0.8, seed=3, warm_starts=warm, max_iter=200, workers=1)
+    three = klmod.upper_bounds(targets, dims, 0.8, seed=3, warm_starts=warm, max_iter=200, workers=3)
+    assert one == three and list(three) == ["a", "b", "c"]
+    for name in targets:
+        single = klmod.upper_bound(targets[name], dims[name], 0.8, seed=3, warm_start=warm[name], max_iter=200)
+        assert single == one[name]
+        rand = klmod.optimise_kl(targets[name], dims[name], 0.8, seed=3, max_iter=200)[0]
+        assert one[name]["kl_random_start"] == rand
+        if warm[name] is None:
+            assert one[name] == {"kl": rand, "kl_random_start": rand, "kl_warm_start": None, "start": "random"}
+        else:
+            kl_warm = klmod.optimise_kl(targets[name], dims[name], 0.8, init=warm[name], max_iter=200)[0]
+            assert one[name]["kl_warm_start"] == kl_warm and one[name]["kl"] == min(rand, kl_warm)
+            assert one[name]["start"] == ("embedding" if kl_warm < rand else "random")
+
+
+def test_evaluation_device_and_driver_check():
+    from neurosem._device import gpu_driver_visible, resolve_device
+
+    assert klmod.evaluation_device("cpu") is None and klmod.evaluation_device(" MPS ") is None
+    assert klmod.evaluation_device(None) is None
+    assert gpu_driver_visible("linux", exists=lambda path: False) is False
+    assert gpu_driver_visible("linux", exists=lambda path: path == "/dev/nvidiactl") is True
+    assert gpu_driver_visible("darwin", exists=lambda path: False) is True
+    # Resolved once per spec: the same object comes back, whatever the spelling.
+    assert resolve_device("auto") is resolve_device(" Auto ") is resolve_device(None)
+    with pytest.raises(NeurosemError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+
+
+def test_kl_on_the_cpu_does_not_import_torch(tmp_path):
+    """`neurosem kl` on a machine without a GPU driver never pays torch's import."""
+    import subprocess
+    import sys
+
+    from neurosem._device import gpu_driver_visible
+
+    code = ("import sys, numpy as np\n"
+            "from neurosem.analysis import kl\n"
+            "kl.upper_bounds({'l': np.eye(3)}, {'l': 2}, device='auto', max_iter=20)\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(gpu_driver_visible())
