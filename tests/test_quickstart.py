@@ -136,7 +136,8 @@ def test_the_readme_quotes_what_the_quickstart_prints(qs):
     out, _, summary = qs
     text = _readme()
     block = text.split("Findings you can check:\n", 1)[1].split("```", 1)[0]
-    quoted = [line.strip().split(". ", 1)[1] for line in block.strip().splitlines()]
+    quoted = [line.strip().split(". ", 1)[1] for line in block.strip().splitlines()
+              if line.strip()[:1].isdigit()]
     assert quoted == [f["text"] for f in summary["findings"]]
     dis = load_dissection(out)
     header = "| layer | units | interpretable | " + " | ".join(dis.categories) + " |"

@@ -343,6 +343,9 @@ def make_figures(run: Any = None, formats: "Sequence[str] | str" = DEFAULT_FORMA
         log.warning("note: %s in %s: the neighbours and additive figures are skipped "
                     "(run `neurosem record ... --layers %s` to draw them)", why, rd.path, layer)
     if rd.dissection.exists():
+        from neurosem.dissect.report import summary_figure
+
+        save("dissect_summary", summary_figure(load_run_dissection(rd)), {"from": "dissect.h5"})
         try:
             result = read_kl_json(rd) or kl_curves(rd)
         except NeurosemError as exc:

@@ -405,6 +405,83 @@ def write_summary_figure(path_without_suffix: Path, dis: Dissection,
         return save_figure(summary_figure(dis), path_without_suffix, tuple(formats), close=True)
 
 
+def _nice_step(top: float) -> int:
+    """An integer tick step giving at most about 6 ticks up to ``top``."""
+    for step in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000):
+        if top / step <= 6:
+            return step
+    return int(10 ** np.ceil(np.log10(max(1.0, top / 6))))
+
+
+def summary_svg(dis: Dissection) -> str:
+    """The summary figure as a standalone SVG written directly (no plotting library: the dissection
+    stays fast): interpretable units per category (bars) per layer, only the categories that have
+    interpretable units, in :data:`~neurosem.analysis._plotstyle.CATEGORY_COLORS`. ``neurosem
+    figures`` draws the same figure with matplotlib as PDF, PNG and SVG (:func:`summary_figure`).
+
+    Example:
+        >>> summary_svg(load_dissection("runs/resnet18"))[:4]     # doctest: +SKIP
+        '<svg'
+    """
+    from neurosem.analysis._plotstyle import CATEGORY_COLORS
+
+    cats = list(dis.categories)
+    counts = np.array([[dis.counts(layer)[c] for c in cats] for layer in dis.layers], dtype=np.int64)
+    shown = [k for k in range(len(cats)) if counts[:, k].any()]
+    extra = iter(["#7f7f7f", "#bcbd22", "#17becf", "#8c564b", "#e377c2", "#9467bd"] * 10)
+    colour = {c: CATEGORY_COLORS.get(c) or next(extra) for c in cats}
+    n_layers = max(1, len(dis.layers))
+    left, top_pad, plot_h, group_w = 52, 34, 170, max(60, 14 * max(1, len(shown)) + 24)
+    plot_w = group_w * n_layers
+    legend_x = left + plot_w + 16
+    width, height = legend_x + 110, top_pad + plot_h + 48
+    ymax = max(1, int(counts.max(initial=0)))
+    step = _nice_step(ymax)
+    ytop = int(np.ceil(ymax / step) * step)
+    y = lambda v: top_pad + plot_h - plot_h * v / ytop  # noqa: E731
+    esc = html.escape
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' viewBox='0 0 {width} {height}' "
+           "font-family='DejaVu Sans, Helvetica, Arial, sans-serif' font-size='11'>",
+           f"<rect width='{width}' height='{height}' fill='white'/>",
+           f"<text x='{left + plot_w / 2:.1f}' y='16' text-anchor='middle' font-size='12'>units with IoU "
+           f"\u2265 {dis.iou_threshold:g}, by category of their best label</text>"]
+    for v in range(0, ytop + 1, step):
+        out.append(f"<line x1='{left - 4}' x2='{left}' y1='{y(v):.1f}' y2='{y(v):.1f}' stroke='#333'/>"
+                   f"<text x='{left - 7}' y='{y(v) + 4:.1f}' text-anchor='end'>{v}</text>")
+    out.append(f"<line x1='{left}' x2='{left}' y1='{top_pad}' y2='{top_pad + plot_h}' stroke='#333'/>"
+               f"<line x1='{left}' x2='{left + plot_w}' y1='{top_pad + plot_h}' y2='{top_pad + plot_h}' stroke='#333'/>")
+    bar_w = (group_w - 20) / max(1, len(shown))
+    for i, layer in enumerate(dis.layers):
+        x0 = left + i * group_w + 10
+        for j, k in enumerate(shown):
+            v = int(counts[i, k])
+            out.append(f"<rect x='{x0 + j * bar_w:.1f}' y='{y(v):.1f}' width='{bar_w - 1:.1f}' "
+                       f"height='{top_pad + plot_h - y(v):.1f}' fill='{colour[cats[k]]}'>"
+                       f"<title>{esc(layer)}: {v} {esc(cats[k])} units</title></rect>")
+        out.append(f"<text x='{left + (i + 0.5) * group_w:.1f}' y='{top_pad + plot_h + 15}' "
+                   f"text-anchor='middle'>{esc(layer)}</text>")
+    out.append(f"<text x='{left + plot_w / 2:.1f}' y='{height - 8}' text-anchor='middle'>layer</text>"
+               f"<text transform='translate(14 {top_pad + plot_h / 2:.1f}) rotate(-90)' text-anchor='middle'>"
+               "interpretable units</text>")
+    if not shown:
+        out.append(f"<text x='{left + plot_w / 2:.1f}' y='{top_pad + plot_h / 2:.1f}' text-anchor='middle'>"
+                   "no interpretable units</text>")
+    for j, k in enumerate(shown):
+        yy = top_pad + 6 + 16 * j
+        out.append(f"<rect x='{legend_x}' y='{yy}' width='10' height='10' fill='{colour[cats[k]]}'/>"
+                   f"<text x='{legend_x + 15}' y='{yy + 9}'>{esc(cats[k])}</text>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def write_summary_svg(path: Path, dis: Dissection) -> Path:
+    """:func:`summary_svg` written to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(summary_svg(dis), encoding="utf-8")
+    return path
+
+
 # ------------------------------------------------------------------------------------ HTML
 def png_data_uri(arr: np.ndarray, palette_colors: int | None = None) -> str:
     """``uint8 [H, W, 3|4]`` -> ``data:image/png;base64,...`` (RGB optionally quantised)."""
@@ -567,7 +644,7 @@ def layer_html_name(layer: str) -> str:
 
 
 def write_index_html(path: Path, dis: Dissection, layer_pages: dict[str, str],
-                     figure_png: Path | None = None) -> Path:
+                     figure_svg: Path | None = None) -> Path:
     """The entry page: counts per category per layer, the summary figure, links to the layers."""
     rows = []
     for layer in dis.layers:
@@ -576,9 +653,10 @@ def write_index_html(path: Path, dis: Dissection, layer_pages: dict[str, str],
             else html.escape(layer)
         rows.append((link, dis.counts(layer), int(keep.sum()), dis.n_units(layer)))
     fig = ""
-    if figure_png is not None and Path(figure_png).is_file():
-        data = base64.b64encode(Path(figure_png).read_bytes()).decode("ascii")
-        fig = f"<p><img alt='interpretable units per category' style='max-width:640px' src='data:image/png;base64,{data}'></p>"
+    if figure_svg is not None and Path(figure_svg).is_file():
+        data = base64.b64encode(Path(figure_svg).read_bytes()).decode("ascii")
+        fig = (f"<p><img alt='interpretable units per category' style='max-width:100%' "
+               f"src='data:image/svg+xml;base64,{data}'></p>")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>neurosem dissection</title>",
         f"<style>{_CSS}</style></head><body>",

@@ -103,13 +103,12 @@ def _describe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 class _Warmup:
-    """Load the compiled kernels (and, for the report, matplotlib) in background threads."""
+    """Load the compiled kernels in a background thread while the data is opened."""
 
-    def __init__(self, report: bool) -> None:
+    def __init__(self) -> None:
         import threading
 
         self._k = threading.Thread(target=self._load_kernels, daemon=True)
-        self._m = threading.Thread(target=self._load_matplotlib, daemon=True) if report else None
         self._k.start()
 
     @staticmethod
@@ -121,26 +120,11 @@ class _Warmup:
         except Exception:  # noqa: BLE001 - the real call reports any problem
             pass
 
-    @staticmethod
-    def _load_matplotlib() -> None:
-        try:
-            import matplotlib.backends.backend_agg  # noqa: F401
-            import matplotlib.figure  # noqa: F401
-        except Exception:  # noqa: BLE001
-            pass
-
     def kernels(self) -> None:
-        """Wait for the kernels; then start loading matplotlib (it runs while the kernels do)."""
         self._k.join()
-        if self._m is not None and not self._m.is_alive():
-            self._m.start()
 
     def join(self) -> None:
         self._k.join()
-        if self._m is not None:
-            if not self._m.is_alive() and self._m.ident is None:
-                self._m.start()
-            self._m.join()
 
 
 def _maybe_accelerator() -> bool:
@@ -261,7 +245,7 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
     layers = list(layers) if layers else None
     # the compiled kernels and matplotlib load in the background while the data is opened and
     # while the kernels run (they release the GIL)
-    warm = _Warmup(report)
+    warm = _Warmup()
     ds = _open_broden(broden, categories)
     engine, dev = choose_engine(device)
     n_threads = _set_threads(threads, engine)
@@ -411,7 +395,7 @@ def _write_reports(rd: Any, dis: Any, ds: Any, engine: str, device: Any, report:
     """CSV per layer and summary.json; with ``report``, one HTML page per layer + index.html and
     the summary figure. The pages cost in proportion to the units and images shown."""
     from neurosem.dissect.report import (UnitTiles, layer_html_name, write_index_html, write_layer_csv,
-                                         write_layer_html, write_summary, write_summary_figure)
+                                         write_layer_html, write_summary, write_summary_svg)
 
     out_dir = rd.dissect_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -420,7 +404,7 @@ def _write_reports(rd: Any, dis: Any, ds: Any, engine: str, device: Any, report:
     outputs: dict[str, Any] = {"csv": csvs, "summary": str(summary)}
     if not report:
         return outputs
-    figures = write_summary_figure(rd.figures / "dissect_summary", dis)
+    figure = write_summary_svg(out_dir / "summary.svg", dis)     # `neurosem figures` adds PDF/PNG
     thumb_px = int(min(112, ds.image_size[0], ds.image_size[1]))
     thumbs: dict[int, np.ndarray] = {}
     pages = {}
@@ -443,9 +427,8 @@ def _write_reports(rd: Any, dis: Any, ds: Any, engine: str, device: Any, report:
         write_layer_html(out_dir / page, dis, name, {i: thumbs[i] for i in needed}, tiles,
                          ds.image_ids, thumb_px)
         pages[name] = page
-    png = next((p for p in figures if p.suffix == ".png"), None)
-    index = write_index_html(out_dir / "index.html", dis, pages, png)
-    outputs.update({"html": str(index), "figures": [str(p) for p in figures]})
+    index = write_index_html(out_dir / "index.html", dis, pages, figure)
+    outputs.update({"html": str(index), "figures": [str(figure)]})
     return outputs
 
 
