@@ -6,7 +6,7 @@ tensors carry gradients; the teacher's (and SKD's vectors) never do.
 
 The total loss follows the CRD code (RepDistiller ``train_student.py``):
 ``L = gamma * CE + alpha * KD + beta * L_method``, with the weights of its published script
-``scripts/run_cifar_distill.sh`` (see :data:`WEIGHTS`): KD uses ``gamma = 0.1, alpha = 0.9``;
+``scripts/run_cifar_distill.sh`` (each method's ``weights`` in :mod:`neurosem.distill.methods`): KD uses ``gamma = 0.1, alpha = 0.9``;
 every feature/relation method uses ``gamma = 1, alpha = 0`` (no KD term) and its own beta. SKD
 follows the paper: ``L = CE + beta * L_SKD``, beta = 0.5 (0.05 for vgg13 -> vgg8).
 """
@@ -33,22 +33,6 @@ class LossWeights:
     kd: float
     beta: float
 
-
-#: Default weights per method. Baselines: the CRD protocol (RepDistiller
-#: scripts/run_cifar_distill.sh, flags -r/-a/-b = ce/kd/beta); SKD: the paper (Sec. 3.1).
-WEIGHTS: dict[str, LossWeights] = {
-    "ce": LossWeights(ce=1.0, kd=0.0, beta=0.0),
-    "kd": LossWeights(ce=0.1, kd=0.9, beta=0.0),       # -r 0.1 -a 0.9 -b 0, T = 4
-    "fitnet": LossWeights(ce=1.0, kd=0.0, beta=100.0),  # --distill hint -a 0 -b 100
-    "at": LossWeights(ce=1.0, kd=0.0, beta=1000.0),     # --distill attention -a 0 -b 1000
-    "sp": LossWeights(ce=1.0, kd=0.0, beta=3000.0),     # --distill similarity -a 0 -b 3000
-    "cc": LossWeights(ce=1.0, kd=0.0, beta=0.02),       # --distill correlation -a 0 -b 0.02
-    "cc-rbf": LossWeights(ce=1.0, kd=0.0, beta=0.02),   # Peng et al.'s kernel; CRD's beta kept
-    "rkd": LossWeights(ce=1.0, kd=0.0, beta=1.0),       # --distill rkd -a 0 -b 1 (w_d 25, w_a 50 inside)
-    "pkt": LossWeights(ce=1.0, kd=0.0, beta=30000.0),   # --distill pkt -a 0 -b 30000
-    "skd": LossWeights(ce=1.0, kd=0.0, beta=0.5),       # paper: beta = 5e-1
-    "skd-random": LossWeights(ce=1.0, kd=0.0, beta=0.5),
-}
 
 #: SKD's beta for pairs where the paper departs from 0.5: (teacher, student) -> beta.
 SKD_PAIR_BETA: dict[tuple[str, str], float] = {("vgg13", "vgg8"): 0.05}
@@ -207,13 +191,30 @@ class KDLoss(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # feature maps
 
+def regressor_conv(s_channels: int, t_channels: int, s_hw: Sequence[int], t_hw: Sequence[int]) -> nn.Module:
+    """CRD's (RepDistiller ``ConvReg``) convolution from a student map ``[B, s_channels, *s_hw]`` to
+    the teacher's ``[B, t_channels, *t_hw]``: a 3x3 stride-2 conv when the student's map is twice
+    the size, a 4x4 stride-2 transposed conv when it is half, else a ``(1 + s - t)`` kernel
+    (1x1 for equal sizes). Any other pair raises ``ValueError``."""
+    (sh, sw), (th, tw) = tuple(s_hw), tuple(t_hw)
+    if sh == 2 * th:
+        return nn.Conv2d(s_channels, t_channels, kernel_size=3, stride=2, padding=1)
+    if sh * 2 == th:
+        return nn.ConvTranspose2d(s_channels, t_channels, kernel_size=4, stride=2, padding=1)
+    if sh >= th and sw >= tw:
+        return nn.Conv2d(s_channels, t_channels, kernel_size=(1 + sh - th, 1 + sw - tw))
+    raise ValueError(f"no regressor from a {sh}x{sw} map to a {th}x{tw} map (the student's may be at most "
+                     "half the teacher's size)")
+
+
 class FitNetLoss(nn.Module):
     """FitNets hint (Romero et al. 2015), as in the CRD code (``ConvReg`` + ``HintLoss``)::
 
-        r(f_s) = relu(BN(conv1x1(f_s)))          (trainable regressor, student width -> teacher's)
+        r(f_s) = relu(BN(conv(f_s)))          (trainable regressor, student map -> teacher's shape)
         L      = mean over b, c, h, w of (r(f_s) - f_t)^2
 
-    on the middle feature (RepDistiller's ``hint_layer = 2``); maps of equal spatial size.
+    on RepDistiller's ``hint_layer`` (2: the middle feature). ``conv`` is
+    :func:`regressor_conv`: 1x1 for maps of equal size, else strided, transposed or larger kernels.
 
     Example:
         >>> loss = FitNetLoss(4, 8)
@@ -221,15 +222,18 @@ class FitNetLoss(nn.Module):
         True
     """
 
-    def __init__(self, s_channels: int, t_channels: int) -> None:
+    def __init__(self, s_channels: int, t_channels: int, s_hw: Sequence[int] = (1, 1),
+                 t_hw: Sequence[int] = (1, 1)) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(s_channels, t_channels, kernel_size=1)
+        self.conv = regressor_conv(s_channels, t_channels, s_hw, t_hw)
         self.bn = nn.BatchNorm2d(t_channels)
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-        if f_s.shape[-2:] != f_t.shape[-2:]:
-            raise ValueError(f"FitNet needs maps of equal size, got {tuple(f_s.shape)} and {tuple(f_t.shape)}")
-        return F.mse_loss(torch.relu(self.bn(self.conv(f_s))), f_t)
+        r = torch.relu(self.bn(self.conv(f_s)))
+        if r.shape != f_t.shape:
+            raise ValueError(f"FitNet's regressor maps {tuple(f_s.shape)} to {tuple(r.shape)}, "
+                             f"the teacher's map is {tuple(f_t.shape)}")
+        return F.mse_loss(r, f_t)
 
 
 def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:

@@ -347,9 +347,14 @@ def test_pkt_matches_reference():
 
 
 def test_default_weights_follow_crd_and_paper():
-    assert (L.WEIGHTS["kd"].ce, L.WEIGHTS["kd"].kd) == (0.1, 0.9)
-    assert {m: L.WEIGHTS[m].beta for m in ("fitnet", "at", "sp", "cc", "rkd", "pkt")} == {
-        "fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "cc": 0.02, "rkd": 1.0, "pkt": 30000.0}
-    assert all(L.WEIGHTS[m].kd == 0.0 and L.WEIGHTS[m].ce == 1.0 for m in L.WEIGHTS if m != "kd")
-    assert L.WEIGHTS["skd"].beta == 0.5 and L.SKD_PAIR_BETA[("vgg13", "vgg8")] == 0.05
+    from neurosem.distill import methods as M
+
+    W = {m: M.get(m).weights for m in M.names()}
+    assert (W["kd"].ce, W["kd"].kd) == (0.1, 0.9)
+    # RepDistiller scripts/run_cifar_distill.sh: -b of every method, -a 0, -r 1
+    assert {m: W[m].beta for m in ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd")} == {
+        "fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "cc": 0.02, "vid": 1.0, "rkd": 1.0, "pkt": 30000.0,
+        "ab": 1.0, "ft": 200.0, "fsp": 50.0, "nst": 50.0, "crd": 0.8}
+    assert all(W[m].kd == 0.0 and W[m].ce == 1.0 for m in W if m != "kd")
+    assert W["skd"].beta == 0.5 and L.SKD_PAIR_BETA[("vgg13", "vgg8")] == 0.05
     assert np.isclose(L.RKDLoss().w_d, 25) and np.isclose(L.RKDLoss().w_a, 50)
