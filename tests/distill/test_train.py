@@ -1,6 +1,7 @@
 """distill(): end to end on a generated CIFAR-format folder, resume, teacher-free SKD, messages."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -235,3 +236,103 @@ def test_cli_distill(tmp_path, cifar_root, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     saved = json.loads((tmp_path / "cli" / "distill.json").read_text())
     assert out["final_acc"] == saved["final_acc"] and out["results_path"] == saved["results_path"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the new methods end to end, the resolved settings, the protocol defaults
+
+@pytest.fixture(scope="module")
+def teacher14(tmp_path_factory, cifar_root) -> str:
+    out = T.train_teacher("resnet14", f"cifar100:{cifar_root}", run=tmp_path_factory.mktemp("t14") / "t",
+                          epochs=1, batch_size=8, num_workers=0, progress=False, device="cpu")
+    return out["weights_path"]
+
+
+def test_crd_end_to_end_with_dataset_indices_and_resolved_settings(tmp_path, cifar_root, teacher14):
+    out = T.distill(teacher="resnet14", student="resnet8", method="crd", data=f"cifar100:{cifar_root}",
+                    run=tmp_path / "crd", teacher_weights=teacher14, nce_k=5, alpha=0.5,
+                    **{**FAST, "epochs": 1, "protocol": None})
+    cfg = json.loads((tmp_path / "crd" / "distill.json").read_text())["config"]
+    assert cfg["protocol"] == "crd" and cfg["lr"] == 0.05            # CRD's protocol by default
+    assert cfg["weights"] == {"ce": 1.0, "kd": 0.5, "beta": 0.8}
+    assert cfg["options"] == {"kd_T": 4.0, "feat_dim": 128, "nce_k": 5, "nce_t": 0.07, "nce_m": 0.5}
+    h = out["history"]
+    np.testing.assert_allclose(h["train_loss"], np.array(h["train_ce"]) + 0.5 * np.array(h["train_kd"])
+                               + 0.8 * np.array(h["train_crd"]), rtol=1e-5)
+    ck = torch.load(out["checkpoint_path"], weights_only=False)
+    bank = ck["criterion"]["contrast.memory_s"]
+    assert bank.shape == (24, 128)
+    # every training image's entry was written once (unit norm), the normalisers were set
+    np.testing.assert_allclose(bank.norm(dim=1).numpy(), np.ones(24), rtol=1e-5)
+    assert (ck["criterion"]["contrast.z"] > 0).all()
+
+
+def test_ab_runs_its_initialisation_stage_and_resumes_after_it(tmp_path, cifar_root, teacher14, monkeypatch):
+    args = dict(teacher="resnet14", student="resnet8", method="ab", data=f"cifar100:{cifar_root}",
+                teacher_weights=teacher14, init_epochs=2, **{**FAST, "epochs": 1})
+    full = T.distill(run=tmp_path / "full", **args)
+    assert len(full["history"]["init_loss"]) == 2 and full["config"]["init_epochs"] == 2
+    assert full["config"]["init_lr"] == 0.1                     # the main lr (paper protocol here)
+    assert set(k for k in full["history"] if k.startswith("train_")) == {"train_loss", "train_acc", "train_ce"}
+    # stop after the first initialisation epoch, then resume: the same final state
+    import neurosem.distill.train as train_mod
+
+    calls = {"n": 0}
+    real = train_mod._init_epoch
+
+    def stop_after_one(*a, **k):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "_init_epoch", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        T.distill(run=tmp_path / "cut", **args)
+    monkeypatch.setattr(train_mod, "_init_epoch", real)
+    assert len(json.loads((tmp_path / "cut" / "distill.json").read_text())["history"]["init_loss"]) == 1
+    resumed = T.distill(run=tmp_path / "cut", **args)
+    assert resumed["history"]["init_loss"] == full["history"]["init_loss"]
+    assert resumed["history"]["train_loss"] == full["history"]["train_loss"]
+
+
+def test_protocol_defaults_and_weight_options(tmp_path, cifar_root, teacher14):
+    assert T.default_protocol("skd") == "paper" and T.default_protocol("skd-random") == "paper"
+    assert all(T.default_protocol(m) == "crd" for m in ("ce", "kd", "crd", "fitnet", "ab"))
+    assert T.protocol_lr("crd", "ShuffleV1") == 0.01 and T.protocol_lr("crd", "resnet8") == 0.05
+    assert T.protocol_lr("paper", "ShuffleV1") == 0.1
+    out = T.distill(teacher="resnet14", student="resnet8", method="kd", data=f"cifar100:{cifar_root}",
+                    run=tmp_path / "kd", teacher_weights=teacher14, gamma=0.5, alpha=2.0, kd_T=2.0,
+                    **{**FAST, "epochs": 1})
+    assert out["config"]["weights"] == {"ce": 0.5, "kd": 2.0, "beta": 0.0}
+    assert out["config"]["options"] == {"kd_T": 2.0}
+    h = out["history"]
+    np.testing.assert_allclose(h["train_loss"], 0.5 * np.array(h["train_ce"]) + 2.0 * np.array(h["train_kd"]), rtol=1e-5)
+    fit = T.distill(teacher="resnet14", student="resnet8", method="fitnet", data=f"cifar100:{cifar_root}",
+                    run=tmp_path / "fit", teacher_weights=teacher14, hint_layer=1, **{**FAST, "epochs": 1})
+    assert fit["config"]["options"] == {"hint_layer": 1} and fit["config"]["student_layers"] == ["layer1"]
+    with pytest.raises(NeurosemError, match=r"--hint-layer must be 0..3 for resnet8"):
+        T.distill(teacher="resnet14", student="resnet8", method="fitnet", data=f"cifar100:{cifar_root}",
+                  run=tmp_path / "bad", teacher_weights=teacher14, hint_layer=7, **FAST)
+    with pytest.raises(NeurosemError, match=r"--alpha 0.5 \(the KD term\) runs a teacher"):
+        T.distill(student="resnet8", method="skd-random", data=f"cifar100:{cifar_root}", run=tmp_path / "a",
+                  alpha=0.5, **FAST)
+
+
+def test_cli_seeds_run_each_seed_and_write_the_summary(tmp_path, cifar_root, capsys):
+    from neurosem.cli import main
+
+    base = ["distill", "--student", "resnet8", "--data", f"cifar100:{cifar_root}", "--epochs", "1",
+            "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet", "--seeds", "0,1"]
+    main(base + ["--method", "ce", "--run", str(tmp_path / "resnet8-ce")])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["runs"] == [str(tmp_path / "resnet8-ce" / "s0"), str(tmp_path / "resnet8-ce" / "s1")]
+    saved = [json.loads((tmp_path / "resnet8-ce" / f"s{s}" / "distill.json").read_text()) for s in (0, 1)]
+    assert [r["config"]["seed"] for r in saved] == [0, 1] and out["final_acc"] == [r["final_acc"] for r in saved]
+    assert all(r["config"]["protocol"] == "crd" for r in saved)        # the default for every method but SKD
+    row = next(csv.DictReader(open(tmp_path / "resnet8-ce" / "table.csv")))
+    assert row["n"] == "2" and float(row["last_mean"]) == pytest.approx(np.mean(out["final_acc"]))
+    # a second call resumes (nothing to train) and prints the same numbers
+    main(base + ["--method", "ce", "--run", str(tmp_path / "resnet8-ce")])
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["final_acc"] == out["final_acc"]
