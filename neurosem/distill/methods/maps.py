@@ -137,9 +137,10 @@ class FSP(Method):
         super().__init__(ctx)
         _same_depth(self.name, ctx)
         ss, ts = ctx.shapes()
-        for name, s, t in zip(ctx.s_taps.maps, ss, ts):
+        for s_name, t_name, s, t in zip(ctx.s_taps.maps, ctx.t_taps.maps, ss, ts):
             if s[1] != t[1]:
-                raise shape_error(self.name, f"feature {name}", s, t, "FSP needs equal channels")
+                stage = s_name if s_name == t_name else f"{s_name} / {t_name}"
+                raise shape_error(self.name, stage, s, t, "FSP needs equal channels at every feature")
         self.classifier = zoo.CLASSIFIER[ctx.student]
 
     def forward(self, batch: Batch) -> None:
