@@ -223,7 +223,8 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
             batch_size: int | None = None, lr: float | None = None, num_workers: int = 2,
             progress: bool = True, *, alpha: float | None = None, gamma: float | None = None,
             kd_T: float = 4.0, hint_layer: int = 2, feat_dim: int = 128, nce_k: int = 16384,
-            nce_t: float = 0.07, nce_m: float = 0.5, init_epochs: int | None = None) -> dict[str, Any]:
+            nce_t: float = 0.07, nce_m: float = 0.5, init_epochs: int | None = None,
+            sampler: Any = None) -> dict[str, Any]:
     """Train ``student`` on CIFAR with ``method``; returns the results (also in ``<run>/distill.json``).
 
     ``protocol``: ``crd`` for every method but SKD (default ``paper``), see :data:`PROTOCOLS`.
@@ -231,6 +232,8 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
     unset ones take the method's defaults. ``hint_layer``: FitNet's feature; ``feat_dim``,
     ``nce_k``, ``nce_t``, ``nce_m``: CRD's embedding width, negatives, temperature and momentum;
     ``init_epochs``: the initialisation stage of AB, FT and FSP (default 30, RepDistiller's).
+    ``sampler``: the training set's sampler (default: a shuffle seeded per epoch); one with
+    ``set_epoch`` (e.g. ``DistributedSampler``) is told each epoch.
 
     Results: ``test_acc`` per epoch (top-1, %), ``final_acc``, ``best_acc``, ``best_epoch``,
     ``epoch_time`` (training seconds per epoch), ``teacher_acc`` (baselines), the resolved
@@ -357,8 +360,8 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
         torch.backends.cudnn.benchmark = True   # as the CRD code; CUDA runs are not bit-reproducible
     gen = torch.Generator()
     train_loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=bs, shuffle=True, num_workers=num_workers, collate_fn=_collate,
-        pin_memory=pin, generator=gen, drop_last=False)
+        train_ds, batch_size=bs, shuffle=sampler is None, sampler=sampler, num_workers=num_workers,
+        collate_fn=_collate, pin_memory=pin, generator=gen if sampler is None else None, drop_last=False)
     test_loader = torch.utils.data.DataLoader(
         test_ds, batch_size=max(bs, 256), shuffle=False, num_workers=num_workers, collate_fn=_collate,
         pin_memory=pin)
@@ -404,6 +407,8 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
                 es = _epoch_seed(seed, -(k + 1))
                 _seed_all(es)
                 gen.manual_seed(es)
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(-(k + 1))
                 mean, secs = _init_epoch(dist, train_loader, init_opt, dev, bar, progress, f"init {k + 1}/{n_init}")
                 if not math.isfinite(mean):
                     raise NeurosemError(f"the {method} initialisation loss became {mean} in init epoch {k + 1}: "
@@ -418,6 +423,8 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
             es = _epoch_seed(seed, epoch)
             _seed_all(es)
             gen.manual_seed(es)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
             dist.train()
             names = ["loss"] + dist.part_names()
             acc_dtype = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64

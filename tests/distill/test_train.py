@@ -336,3 +336,26 @@ def test_cli_seeds_run_each_seed_and_write_the_summary(tmp_path, cifar_root, cap
     main(base + ["--method", "ce", "--run", str(tmp_path / "resnet8-ce")])
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["final_acc"] == out["final_acc"]
+
+
+def test_the_sampler_is_passed_in_and_told_each_epoch(tmp_path, cifar_root):
+    class Recording(torch.utils.data.Sampler):
+        def __init__(self, n):
+            self.n, self.epochs, self.seen = n, [], []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+        def __iter__(self):
+            order = list(range(self.n))[::-1][:8]      # the last 8 images, backwards
+            self.seen.append(order)
+            return iter(order)
+
+        def __len__(self):
+            return 8
+
+    sampler = Recording(24)
+    out = T.distill(student="resnet8", method="ce", data=f"cifar100:{cifar_root}", run=tmp_path / "s",
+                    sampler=sampler, **FAST)
+    assert sampler.epochs == [0, 1] and len(sampler.seen) == 2
+    assert out["data"]["n_train"] == 24 and len(out["history"]["train_loss"]) == 2
