@@ -1,19 +1,16 @@
 """Training a CIFAR student: static knowledge distillation (paper eq. 2), the CRD baselines, or
 plain cross-entropy (``method="ce"``, also how teachers are trained).
 
-Protocols (SGD with momentum 0.9 and weight decay 5e-4, batch 64, the LR multiplied by 0.1 at
-the milestones):
+Protocols (:mod:`neurosem.distill.protocols`): ``crd`` (lr 0.05, 0.01 for MobileNetV2 and the
+ShuffleNets, 240 epochs, RepDistiller's) for every method but SKD, whose default is ``paper``
+(lr 0.1, 100 epochs). ``epochs=`` shortens a protocol; its milestones scale with it.
 
-- ``paper``: lr 0.1, 100 epochs, milestones 50/75/90 (the paper, Sec. 3.1; it does not state the
-  momentum, 0.9 is used as in CRD);
-- ``crd``: lr 0.05, 240 epochs, milestones 150/180/210 (RepDistiller's ``train_student.py``).
-
-``epochs=`` shortens a protocol; its milestones scale with it (``round(m * epochs / E)``).
-
-Loss (see :mod:`neurosem.distill.losses` for each formula and :data:`~.losses.WEIGHTS`):
-``ce``: CE; ``kd``: 0.1 CE + 0.9 KD (T = 4); ``skd``/``skd-random``: CE + beta L_SKD (beta 0.5,
-0.05 for vgg13 -> vgg8); feature/relation methods: CE + beta L_method with CRD's beta and no KD
-term (RepDistiller's ``-a 0``). ``beta=`` overrides beta (for ``kd``: the KD weight).
+Loss ``gamma CE + alpha KD + beta L_method`` (each method's formula and default weights in
+:mod:`neurosem.distill.methods`): ``kd``: 0.1 CE + 0.9 KD (T = 4); ``skd``/``skd-random``: CE +
+beta L_SKD (beta 0.5, 0.05 for vgg13 -> vgg8); every other method: CE + beta L_method with CRD's
+beta and no KD term (RepDistiller's ``-a 0``; ``alpha=`` adds one, as CRD+KD). ``beta=`` for
+``kd`` is the KD weight. AB, FT and FSP first run RepDistiller's initialisation stage
+(``init_epochs``, 30). The resolved settings are in ``distill.json``'s ``config``.
 
 SKD never builds or runs the teacher: it needs only the teacher's vectors (``embedding.h5``).
 Every epoch writes ``checkpoint.pt`` (model, optimiser, scheduler, epoch, history, RNG states)
@@ -29,7 +26,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -42,6 +39,7 @@ from neurosem.distill import methods as M
 from neurosem.distill import zoo
 from neurosem.distill.distiller import build_distiller, resolve_weights, zoo_widths
 from neurosem.distill.methods import LossWeights, MethodOptions
+from neurosem.distill.protocols import PROTOCOLS, Protocol, default_protocol, protocol_lr
 from neurosem.distill.vectors import load_teacher_vectors
 from neurosem.errors import NeurosemError, RunMismatchError
 
@@ -51,50 +49,6 @@ __all__ = ["PROTOCOLS", "Protocol", "default_protocol", "distill", "evaluate", "
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "distill.json"
 WEIGHTS = "weights.pth"
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """SGD schedule: ``lr`` multiplied by ``lr_decay`` at each of ``milestones`` (epochs)."""
-
-    lr: float
-    momentum: float
-    weight_decay: float
-    batch_size: int
-    epochs: int
-    milestones: tuple[int, ...]
-    lr_decay: float = 0.1
-
-    def scaled(self, epochs: int | None) -> "Protocol":
-        """The same protocol over ``epochs`` epochs, milestones scaled proportionally."""
-        if epochs is None or epochs == self.epochs:
-            return self
-        if epochs < 1:
-            raise NeurosemError(f"--epochs must be at least 1, got {epochs}")
-        ms = tuple(int(round(m * epochs / self.epochs)) for m in self.milestones)
-        return Protocol(self.lr, self.momentum, self.weight_decay, self.batch_size, epochs, ms, self.lr_decay)
-
-
-PROTOCOLS: dict[str, Protocol] = {
-    "paper": Protocol(lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=64, epochs=100,
-                      milestones=(50, 75, 90)),
-    "crd": Protocol(lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64, epochs=240,
-                    milestones=(150, 180, 210)),
-}
-
-
-#: Students whose CRD learning rate is 0.01 (RepDistiller ``train_student.py``).
-CRD_LR_001 = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
-
-
-def default_protocol(method: str) -> str:
-    """``paper`` for SKD (and its ablation), ``crd`` for every other method (Table 1's baselines)."""
-    return "paper" if method in ("skd", "skd-random") else "crd"
-
-
-def protocol_lr(protocol: str, student: str) -> float:
-    """The protocol's learning rate; ``crd`` uses 0.01 for MobileNetV2 and the ShuffleNets."""
-    return 0.01 if protocol == "crd" and student in CRD_LR_001 else PROTOCOLS[protocol].lr
 
 
 def resolved_options(method: str, options: MethodOptions, weights: LossWeights) -> dict[str, Any]:
