@@ -241,6 +241,9 @@ def resolve_weights(method: str, teacher: str | None, student: str, beta: float 
     """``gamma`` (CE), ``alpha`` (KD) and ``beta`` (the method's term): the given ones, else the
     method's defaults. For ``kd``, ``beta`` is accepted as the KD weight when ``alpha`` is not given."""
     base = M.get(method).weights
+    if method == "ce" and (alpha or beta):
+        raise NeurosemError("--method ce trains with cross-entropy alone: for a KD term use --method kd "
+                            "(or another method with --alpha)")
     b = default_beta(method, teacher, student) if beta is None else float(beta)
     if method == "kd":
         kd = float(alpha) if alpha is not None else b

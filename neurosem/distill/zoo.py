@@ -320,6 +320,14 @@ ALIGNED_LAYERS: dict[str, list[str]] = {name: list(_STAGES[_family(name)]) for n
 #: name -> RepDistiller's intermediate features in order (the stem's output, then the stages).
 FEATURE_LAYERS: dict[str, list[str]] = {name: _STEM[_family(name)] + _STAGES[_family(name)] for name in ZOO}
 
+#: name -> the modules RepDistiller's ``get_feat_modules`` returns (what the initialisation stage
+#: of AB and FSP trains; WRN's final BN, MobileNetV2's and ShuffleV2's last 1x1 conv are not in it).
+FEAT_MODULES: dict[str, list[str]] = {
+    name: {"resnet": ["conv1", "bn1", "layer1", "layer2", "layer3"], "wrn": ["conv1"] + _WRN_STAGES,
+           "vgg": list(_VGG_STAGES), "ResNet50": ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"],
+           "MobileNetV2": ["conv1", "blocks"]}.get(_family(name), ["conv1", "bn1", "layer1", "layer2", "layer3"])
+    for name in ZOO}
+
 #: name -> the final linear layer (its input is the pooled penultimate feature).
 CLASSIFIER: dict[str, str] = {
     name: {"vgg": "classifier", "MobileNetV2": "classifier.0", "resnet": "fc", "wrn": "fc"}.get(_family(name), "linear")

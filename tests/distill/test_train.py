@@ -314,6 +314,10 @@ def test_protocol_defaults_and_weight_options(tmp_path, cifar_root, teacher14):
     with pytest.raises(NeurosemError, match=r"--hint-layer must be 0..3 for resnet8"):
         T.distill(teacher="resnet14", student="resnet8", method="fitnet", data=f"cifar100:{cifar_root}",
                   run=tmp_path / "bad", teacher_weights=teacher14, hint_layer=7, **FAST)
+    with pytest.raises(NeurosemError, match=r"--method ce trains with cross-entropy alone"):
+        D.resolve_weights("ce", None, "resnet8", alpha=0.5)
+    with pytest.raises(NeurosemError, match=r"--gamma must be >= 0, got -1.0"):
+        D.resolve_weights("kd", "resnet14", "resnet8", gamma=-1.0)
     with pytest.raises(NeurosemError, match=r"--alpha 0.5 \(the KD term\) runs a teacher"):
         T.distill(student="resnet8", method="skd-random", data=f"cifar100:{cifar_root}", run=tmp_path / "a",
                   alpha=0.5, **FAST)

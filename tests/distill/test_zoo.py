@@ -225,3 +225,18 @@ def test_shufflev2_preact_is_the_concat_before_the_relu():
     assert torch.equal(got["post"][:, c:], torch.relu(got["pre"][:, c:]))
     assert torch.equal(got["post"][:, :c], got["pre"][:, :c])
     assert (got["pre"][:, c:] < 0).any()
+
+
+def test_feat_modules_are_repdistillers_get_feat_modules():
+    """What the initialisation stage of AB and FSP trains: everything but the classifier, except
+    WRN's final BN and the last 1x1 conv of MobileNetV2 and ShuffleV2 (as RepDistiller)."""
+    from neurosem.distill.methods.base import feature_modules
+
+    for name in zoo.ZOO:
+        model = zoo.build(name, num_classes=10)
+        chosen = {id(p) for p in feature_modules(model, zoo.FEAT_MODULES[name])}
+        left = sorted(k.rsplit(".", 1)[0] for k, p in model.named_parameters() if id(p) not in chosen)
+        expect = {"wrn": ["bn1", "bn1", "fc", "fc"], "MobileNetV2": ["classifier.0", "classifier.0", "conv2.0",
+                  "conv2.1", "conv2.1"], "ShuffleV2": ["bn2", "bn2", "conv2", "linear", "linear"]}
+        fam = zoo._family(name)
+        assert left == expect.get(fam, sorted([zoo.CLASSIFIER[name]] * 2)), name

@@ -156,8 +156,7 @@ class Method(nn.Module):
         return lr
 
 
-def feature_modules(model: nn.Module, classifier: str) -> list[nn.Parameter]:
-    """Every parameter of ``model`` except those of the final linear ``classifier``
-    (RepDistiller's ``get_feat_modules``)."""
-    skip = {id(p) for p in model.get_submodule(classifier).parameters()}
-    return [p for p in model.parameters() if id(p) not in skip]
+def feature_modules(model: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
+    """The parameters of ``model``'s modules ``names`` (RepDistiller's ``get_feat_modules``,
+    :data:`neurosem.distill.zoo.FEAT_MODULES`)."""
+    return [p for n in names for p in model.get_submodule(n).parameters()]

@@ -170,13 +170,13 @@ class AB(Method):
         n = len(conns)
         self.layer_weights = [2.0 ** (i - n + 1) for i in range(n)]
         self.margin = margin
-        self.classifier = zoo.CLASSIFIER[ctx.student]
+        self.feat_modules = list(zoo.FEAT_MODULES[ctx.student])
 
     def forward(self, batch: Batch) -> None:
         return None
 
     def init_parameters(self, student: nn.Module) -> list[nn.Parameter]:
-        return list(self.connectors.parameters()) + feature_modules(student, self.classifier)
+        return list(self.connectors.parameters()) + feature_modules(student, self.feat_modules)
 
     def init_loss(self, batch: Batch) -> torch.Tensor:
         b = batch.fs[0].shape[0]

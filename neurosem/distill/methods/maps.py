@@ -141,13 +141,13 @@ class FSP(Method):
             if s[1] != t[1]:
                 stage = s_name if s_name == t_name else f"{s_name} / {t_name}"
                 raise shape_error(self.name, stage, s, t, "FSP needs equal channels at every feature")
-        self.classifier = zoo.CLASSIFIER[ctx.student]
+        self.feat_modules = list(zoo.FEAT_MODULES[ctx.student])
 
     def forward(self, batch: Batch) -> None:
         return None
 
     def init_parameters(self, student: nn.Module) -> list[nn.Parameter]:
-        return feature_modules(student, self.classifier)
+        return feature_modules(student, self.feat_modules)
 
     def init_loss(self, batch: Batch) -> torch.Tensor:
         return sum((g_s - g_t).pow(2).mean() for g_s, g_t in zip(fsp_matrices(batch.fs), fsp_matrices(batch.ft)))
