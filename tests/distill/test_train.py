@@ -363,3 +363,18 @@ def test_the_sampler_is_passed_in_and_told_each_epoch(tmp_path, cifar_root):
                     sampler=sampler, **FAST)
     assert sampler.epochs == [0, 1] and len(sampler.seen) == 2
     assert out["data"]["n_train"] == 24 and len(out["history"]["train_loss"]) == 2
+
+
+def test_cli_bad_input_is_one_line(tmp_path, cifar_root, capsys):
+    from neurosem.cli import main
+
+    base = ["distill", "--student", "resnet8", "--data", f"cifar100:{cifar_root}", "--epochs", "1", "--workers", "0",
+            "--device", "cpu", "--quiet", "--run", str(tmp_path / "x")]
+    with pytest.raises(SystemExit) as exc:
+        main(base + ["--method", "crdd"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: unknown method 'crdd' (did you mean crd")
+    with pytest.raises(SystemExit):
+        main(base + ["--method", "ce", "--seeds", "0,x"])
+    assert capsys.readouterr().err.strip() == "error: --seeds takes comma-separated integers such as 0,1,2, got '0,x'"
