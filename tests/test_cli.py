@@ -11,7 +11,7 @@ COMMANDS = sorted(cli.commands)
 
 
 def test_every_command_is_listed():
-    assert COMMANDS == ["dissect", "distill", "doctor", "embed", "figures", "kl", "layers", "query",
+    assert COMMANDS == ["dissect", "distill", "distill-table", "doctor", "embed", "figures", "kl", "layers", "query",
                         "quickstart", "record"]
 
 
