@@ -6,7 +6,9 @@ backward, SGD step), as :func:`neurosem.distill.train.distill` runs it. The meth
 interleaved rounds (CE, SKD, KD, ... then the reverse order) so a machine whose load changes
 treats them alike; the median time per step is reported and extrapolated to one CIFAR-100 epoch
 (50,000 images). CE and SKD always run back to back, and SKD/CE is judged on the median of the
-per-round ratios (on a shared machine a load spike hits both sides of a pair alike). SKD's vectors are random of the teacher's shape (the cost does not depend on
+per-round ratios (on a shared machine a load spike hits both sides of a pair alike). On a CPU the
+clock is the process's CPU time (``--clock cpu``, the default there: other processes' load does not
+count; with several threads it is their sum), on a GPU the wall clock. SKD's vectors are random of the teacher's shape (the cost does not depend on
 their values); the teacher has random weights (same cost as a trained one); CRD's memory bank has
 CIFAR-100's 50,000 entries and 16,384 negatives per sample. AB and FSP are timed in their main
 stage (CE alone, as in CRD's benchmark); ``<method>:init`` rows time their initialisation stage.
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
     ap.add_argument("--no-init", action="store_true", help="skip the initialisation-stage rows")
+    ap.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
+                    help="auto: the process's CPU time on a CPU, the wall clock on a GPU")
     args = ap.parse_args(argv)
 
     import torch
@@ -52,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     gpu = dev.type == "cuda"
+    clock_name = args.clock if args.clock != "auto" else ("cpu" if dev.type == "cpu" else "wall")
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
     bs = args.batch_size or (32 if args.quick and not gpu else 64)
     steps = args.steps or (2 if args.quick else (20 if gpu else 4))
     rounds = args.rounds or (3 if args.quick else 5)
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(name: str, n_batches) -> float:
         d, opt, init = runners[name]
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         with d.hooked():
             for x, y, i in n_batches:
                 loss = d.init_step(x, y, i) if init else d.step(x, y, i)[0]
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 loss.backward()
                 opt.step()
         sync()
-        return (time.perf_counter() - t0) / len(n_batches)
+        return (clock() - t0) / len(n_batches)
 
     for name in names:                     # warm-up (allocator, cuDNN autotune, first-call costs)
         run(name, batches[:1])
@@ -113,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     n_threads = torch.get_num_threads()
     print(f"# distill training step: {TEACHER} -> {STUDENT}, batch {bs}, device {dev}"
-          f"{'' if gpu else f' ({n_threads} threads)'}, {rounds} rounds x {steps} steps, median")
+          f"{'' if gpu else f' ({n_threads} threads)'}, {rounds} rounds x {steps} steps, median, "
+          f"{'process CPU time' if clock_name == 'cpu' else 'wall clock'}")
     print()
     print("| method | ms / step | images / s | est. CIFAR-100 epoch | vs CE |")
     print("| --- | ---: | ---: | ---: | ---: |")
