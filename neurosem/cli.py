@@ -397,51 +397,87 @@ def figures(run: str | None, formats: str, layer: str | None, neuron: str | None
 @cli.command(context_settings=CONTEXT, short_help="Static knowledge distillation (paper eq. 2) or a baseline.")
 @click.option("--teacher", default=None, help="Teacher model (zoo name); not run for skd.")
 @click.option("--student", required=True, help="Student model (zoo name, e.g. resnet8x4).")
-@click.option("--method", type=click.Choice(["skd", "skd-random", "kd", "fitnet", "at", "sp", "cc", "rkd", "pkt", "ce"]),
-              default="skd", show_default=True,
+@click.option("--method", default="skd", show_default=True,
               help="skd: the paper's static distillation; skd-random: SKD with random vectors (a control); "
-                   "kd, fitnet, at, sp, cc, rkd, pkt: the baselines; ce: the student alone.")
+                   "ce: the student alone; the baselines kd, fitnet, vid, ab, ft, at, sp, nst, fsp, cc, cc-rbf, "
+                   "rkd, pkt, crd (each with CRD's default weight).")
 @click.option("--data", required=True, help="cifar100:ROOT (a folder holding cifar-100-python/).")
-@click.option("--protocol", type=click.Choice(["paper", "crd"]), default="paper", show_default=True,
+@click.option("--protocol", type=click.Choice(["paper", "crd"]), default=None,
               help="Training schedule (SGD, momentum 0.9, weight decay 5e-4, batch 64, lr x0.1 at each "
                    "milestone): paper = 100 epochs, lr 0.1, milestones 50/75/90; crd = the CRD/RepDistiller "
-                   "benchmark's 240 epochs, lr 0.05, milestones 150/180/210. --epochs (milestones scale "
-                   "with it), --lr and --batch-size override it.")
+                   "benchmark's 240 epochs, lr 0.05, milestones 150/180/210 [default: crd for every method "
+                   "but skd, whose default is paper]. --epochs (milestones scale with it), --lr and "
+                   "--batch-size override it.")
 @click.option("--epochs", type=int, default=None, help="Override the protocol's epochs.")
-@click.option("--beta", type=float, default=None, help="Weight of the distillation loss (SKD: 0.5).")
+@click.option("--gamma", type=float, default=None, help="Weight of the cross-entropy (CRD's -r; default 1, kd 0.1).")
+@click.option("--alpha", type=float, default=None, help="Weight of the KD term (CRD's -a; default 0, kd 0.9).")
+@click.option("--beta", type=float, default=None, help="Weight of the method's loss (CRD's -b; SKD: 0.5).")
+@click.option("--kd-T", "kd_T", type=float, default=4.0, show_default=True, help="KD temperature.")
 @click.option("--temperature", default=1.0, show_default=True, help="SKD's τ dividing the cosines.")
+@click.option("--hint-layer", type=int, default=2, show_default=True, help="FitNet's feature (0 = the stem's output).")
+@click.option("--feat-dim", type=int, default=128, show_default=True, help="CRD and CC embedding width.")
+@click.option("--nce-k", type=int, default=16384, show_default=True, help="CRD's negatives per sample.")
+@click.option("--nce-t", type=float, default=0.07, show_default=True, help="CRD's temperature.")
+@click.option("--nce-m", type=float, default=0.5, show_default=True, help="CRD's memory momentum.")
+@click.option("--init-epochs", type=int, default=None, help="Initialisation stage of ab, ft, fsp (default 30).")
 @click.option("--teacher-weights", default=None, type=click.Path(dir_okay=False), help="Teacher checkpoint (.pth).")
 @click.option("--teacher-vectors", default=None, type=click.Path(),
               help="The teacher's embedding.h5 or its run directory (for skd).")
 @click.option("--batch-size", "-b", type=BATCH, default=None, help="Override the protocol's mini-batch size.")
 @click.option("--lr", type=float, default=None, help="Override the protocol's initial learning rate.")
 @click.option("--seed", default=0, show_default=True, help="Seed of every random draw: the student's initialisation, the data order, augmentation.")
+@click.option("--seeds", default=None, metavar="LIST",
+              help="Run (or resume) one run per seed, e.g. 0,1,2, and write a Table-1-style summary.")
 @click.option("--workers", type=WORKERS, default=2, show_default=True,
               help="DataLoader worker processes (0: load in the main process).")
 @_distill_run_option
 @_device_option
 @_quiet_option
-def distill(teacher: str | None, student: str, method: str, data: str, protocol: str, epochs: int | None,
-            beta: float | None, temperature: float, teacher_weights: str | None, teacher_vectors: str | None,
-            batch_size: int | None, lr: float | None, seed: int, workers: int, run: str | None, device: str,
-            quiet: bool) -> None:
+def distill(teacher: str | None, student: str, method: str, data: str, protocol: str | None, epochs: int | None,
+            gamma: float | None, alpha: float | None, beta: float | None, kd_T: float, temperature: float,
+            hint_layer: int, feat_dim: int, nce_k: int, nce_t: float, nce_m: float, init_epochs: int | None,
+            teacher_weights: str | None, teacher_vectors: str | None, batch_size: int | None, lr: float | None,
+            seed: int, seeds: str | None, workers: int, run: str | None, device: str, quiet: bool) -> None:
     """Train a student with static knowledge distillation (paper eq. 2) or a baseline.
 
     SKD needs only the teacher's vectors (neurosem embed TEACHER --data cifar100:ROOT); the
-    teacher never runs. Checkpoints every epoch and resumes after an interruption.
+    teacher never runs. Checkpoints every epoch and resumes after an interruption. The resolved
+    settings (every weight, temperature and option) are written to RUN/distill.json.
 
     \b
     Example:
       neurosem distill --teacher resnet32x4 --student resnet8x4 --method skd \\
           --teacher-vectors runs/resnet32x4 --data cifar100:data/cifar
+      neurosem distill --teacher resnet32x4 --student resnet8x4 --method crd \\
+          --teacher-weights resnet32x4.pth --data cifar100:data/cifar --seeds 0,1,2
     """
-    from neurosem.distill.train import distill as run_distill
+    from neurosem.distill.tables import distill_cli
 
-    result = run_distill(teacher=teacher, student=student, method=method, data=data, protocol=protocol,
-                         epochs=epochs, seed=seed, device=device, run=run, beta=beta, temperature=temperature,
-                         teacher_weights=teacher_weights, teacher_vectors=teacher_vectors,
-                         batch_size=batch_size, lr=lr, num_workers=workers, progress=not quiet)
-    click.echo(json.dumps({k: result[k] for k in ("final_acc", "best_acc", "results_path") if k in result}))
+    out = distill_cli(seeds=seeds, teacher=teacher, student=student, method=method, data=data, protocol=protocol,
+                      epochs=epochs, seed=seed, device=device, run=run, beta=beta, alpha=alpha, gamma=gamma,
+                      kd_T=kd_T, temperature=temperature, hint_layer=hint_layer, feat_dim=feat_dim, nce_k=nce_k,
+                      nce_t=nce_t, nce_m=nce_m, init_epochs=init_epochs, teacher_weights=teacher_weights,
+                      teacher_vectors=teacher_vectors, batch_size=batch_size, lr=lr, num_workers=workers,
+                      progress=not quiet)
+    click.echo(json.dumps(out))
+
+
+@cli.command("distill-table", context_settings=CONTEXT, short_help="Table-1-style summary of finished distill runs.")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for table.csv, table.md, table.tex (default: the first RUNS folder).")
+def distill_table(runs: tuple[str, ...], out: str | None) -> None:
+    """Summarise finished distill runs (run folders, or folders holding them): last- and best-epoch
+    accuracy, mean ± std over seeds, paired differences against CE and KD with p-values.
+
+    \b
+    Example:
+      neurosem distill-table runs/resnet8x4-ce runs/resnet8x4-kd-resnet32x4 runs/resnet8x4-crd-resnet32x4
+    """
+    from neurosem.distill.tables import write_table_from_runs
+
+    for path in write_table_from_runs(list(runs), out):
+        click.echo(str(path))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,13 +1,14 @@
-"""One training step of every method: hooks on the stage ends, the student (and, for the
-baselines, the teacher) forward pass, and the loss ``gamma CE + alpha KD + beta L_method``.
+"""One training step of every method: hooks on the tapped layers, the student (and, when the
+method needs it, the teacher) forward pass, and the loss ``gamma CE + alpha KD + beta L_method``.
 
-:func:`build_distiller` wires a zoo student to its loss; :class:`Distiller` runs a batch.
-:mod:`neurosem.distill.train` runs the epochs around it; ``benchmarks/distill_time.py`` times it.
+:func:`build_distiller` wires a zoo student to a method of the registry
+(:mod:`neurosem.distill.methods`); :class:`Distiller` runs a batch (and, for AB, FT and FSP, a
+batch of the initialisation stage). :mod:`neurosem.distill.train` runs the epochs around it;
+``benchmarks/distill_time.py`` times it.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -15,12 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from neurosem.distill import losses as L
+from neurosem.distill import methods as M
 from neurosem.distill import zoo
+from neurosem.distill.methods import Batch, BuildContext, LossWeights, MethodOptions, Taps
 from neurosem.errors import NeurosemError
 
-#: Methods that run the teacher's forward pass on every batch.
-TEACHER_METHODS = ("kd", "fitnet", "at", "sp", "cc", "cc-rbf", "rkd", "pkt")
-METHODS = ("ce", "skd", "skd-random") + TEACHER_METHODS
+#: Every registered method, and those that run the teacher's forward pass.
+METHODS = tuple(M.names())
+TEACHER_METHODS = tuple(n for n in METHODS if M.get(n).needs_teacher)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,83 +90,69 @@ class FeatureTaps:
 # ------------------------------------------------------------------------------------------------
 # the per-batch loss
 
-@dataclass(frozen=True)
-class Taps:
-    """Which tensors a method compares: feature maps ``maps`` and/or the pooled ``pooled`` key."""
-
-    maps: tuple[str, ...] = ()
-    pooled: str | None = None   # the classifier whose input is the pooled feature
-
-    def keys(self) -> list[str]:
-        return list(self.maps) + ([f"{self.pooled}:input"] if self.pooled else [])
-
-
-def method_taps(method: str, model_name: str) -> Taps:
-    """The tensors ``method`` uses in zoo model ``model_name`` (CRD's choices for the baselines).
+def method_taps(method: str, model_name: str, options: MethodOptions | None = None) -> Taps:
+    """The tensors ``method`` reads in zoo model ``model_name`` (CRD's choices for the baselines).
 
     Example:
         >>> method_taps("at", "wrn_40_2").maps
         ('block1', 'block2', 'block3')
     """
-    feats = zoo.FEATURE_LAYERS[model_name]
-    if method in ("skd", "skd-random"):
-        return Taps(maps=tuple(zoo.ALIGNED_LAYERS[model_name]))
-    if method == "at":
-        return Taps(maps=tuple(feats[1:]))        # RepDistiller feat[1:-1]
-    if method == "fitnet":
-        return Taps(maps=(feats[2],))             # hint_layer = 2
-    if method == "sp":
-        return Taps(maps=(feats[-1],))            # feat[-2]: the last stage
-    if method in ("rkd", "pkt", "cc", "cc-rbf"):
-        return Taps(pooled=zoo.CLASSIFIER[model_name])   # feat[-1]: the pooled feature
-    return Taps()
+    return M.get(method).taps(model_name, options or MethodOptions())
 
 
 class Distiller:
-    """Student (+ teacher) + criterion: ``step(x, y) -> (loss, logits, parts)`` for one batch.
+    """Student (+ teacher) + method: ``step(x, y, index) -> (loss, logits, parts)`` for one batch.
 
-    ``x: [B, 3, 32, 32]``, ``y: [B]``. The teacher (when the method needs it) runs in eval mode
-    under ``no_grad``; SKD and CE have no teacher. Use ``with distiller.hooked():`` around the
-    steps. ``parameters()`` are the trainable ones (student + regressors/embeddings of the loss).
+    ``x: [B, 3, 32, 32]``, ``y: [B]``, ``index: [B]`` (dataset indices; CRD needs them). The
+    teacher runs in eval mode under ``no_grad``, and only when the step reads it (SKD, CE, and the
+    main stages of AB and FSP never run it). Use ``with distiller.hooked():`` around the steps.
+    ``parameters()`` are the main stage's trainable ones (student + the method's regressors and
+    embeddings); ``init_parameters()`` those of the initialisation stage (AB, FT, FSP).
     """
 
-    def __init__(self, method: str, student: nn.Module, student_taps: Taps, weights: L.LossWeights,
-                 criterion: nn.Module | None = None, teacher: nn.Module | None = None,
-                 teacher_taps: Taps | None = None, kd_T: float = 4.0) -> None:
-        if method in TEACHER_METHODS and teacher is None:
-            raise ValueError(f"method {method} needs a teacher")
-        self.method = method
+    def __init__(self, method: M.Method, student: nn.Module, student_taps: Taps, weights: LossWeights,
+                 teacher: nn.Module | None = None, teacher_taps: Taps | None = None, kd_T: float = 4.0) -> None:
+        if type(method).needs_teacher and teacher is None:
+            raise ValueError(f"method {method.name} needs a teacher")
+        if weights.kd > 0 and teacher is None:
+            raise NeurosemError(f"the KD weight alpha = {weights.kd} needs a teacher: pass --teacher and "
+                                f"--teacher-weights, or --alpha 0")
+        self.method = method.name
         self.student = student
         self.teacher = teacher
-        self.criterion = criterion
+        self.criterion = method
         self.weights = weights
         self.s_taps = student_taps
         self.t_taps = teacher_taps or Taps()
         self.kd = L.KDLoss(kd_T)
-        self._stack: contextlib.ExitStack | None = None
         self._s: FeatureTaps | None = None
         self._t: FeatureTaps | None = None
         if teacher is not None:
             for p in teacher.parameters():
                 p.requires_grad_(False)
 
+    def part_names(self) -> list[str]:
+        """The loss terms ``step`` reports, in order: ``ce``, then ``kd`` (alpha > 0), then the method's."""
+        names = ["ce"] + (["kd"] if self.weights.kd > 0 else [])
+        return names + ([self.method] if type(self.criterion).has_main_term else [])
+
     def parameters(self) -> Iterator[nn.Parameter]:
         yield from self.student.parameters()
-        if self.criterion is not None:
-            yield from self.criterion.parameters()
+        yield from self.criterion.main_parameters()
+
+    def init_parameters(self) -> list[nn.Parameter]:
+        return self.criterion.init_parameters(self.student)
 
     def to(self, device: torch.device) -> "Distiller":
         self.student.to(device)
-        if self.criterion is not None:
-            self.criterion.to(device)
+        self.criterion.to(device)
         if self.teacher is not None:
             self.teacher.to(device)
         return self
 
     def train(self) -> None:
         self.student.train()
-        if self.criterion is not None:
-            self.criterion.train()
+        self.criterion.train()
         if self.teacher is not None:
             self.teacher.eval()
 
@@ -171,16 +160,23 @@ class Distiller:
     def hooked(self) -> Iterator["Distiller"]:
         with contextlib.ExitStack() as stack:
             self._s = stack.enter_context(FeatureTaps(
-                self.student, self.s_taps.maps, [self.s_taps.pooled] if self.s_taps.pooled else []))
+                self.student, self.s_taps.outputs(), self.s_taps.inputs()))
             if self.teacher is not None:
                 self._t = stack.enter_context(FeatureTaps(
-                    self.teacher, self.t_taps.maps, [self.t_taps.pooled] if self.t_taps.pooled else []))
+                    self.teacher, self.t_taps.outputs(), self.t_taps.inputs()))
             try:
                 yield self
             finally:
                 self._s = self._t = None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def _teacher(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.no_grad():
+            t_logits = self.teacher(x)  # type: ignore[misc]
+        ft = self._t.pop()  # type: ignore[union-attr]
+        return t_logits, [ft[k] for k in self.t_taps.keys()]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss of one batch, the student's logits and the loss terms (detached)."""
         if self._s is None:
             raise RuntimeError("call Distiller.step inside `with distiller.hooked():`")
@@ -191,26 +187,30 @@ class Distiller:
         parts = {"ce": ce.detach()}
         if self.method == "ce":
             return loss, logits, parts
-        if self.teacher is not None:
-            with torch.no_grad():
-                t_logits = self.teacher(x)
-            ft = self._t.pop()  # type: ignore[union-attr]
-        m = self.method
-        if m == "kd":
-            term = self.kd(logits, t_logits)
-            loss = loss + self.weights.kd * term
-            parts["kd"] = term.detach()
-            return loss, logits, parts
-        s_keys, t_keys = self.s_taps.keys(), self.t_taps.keys()
-        if m in ("skd", "skd-random"):
-            term = self.criterion([fs[k] for k in s_keys])
-        elif m in ("at", "sp"):
-            term = self.criterion([fs[k] for k in s_keys], [ft[k] for k in t_keys])
-        else:  # fitnet, cc, cc-rbf, rkd, pkt: one tensor each
-            term = self.criterion(fs[s_keys[0]], ft[t_keys[0]])
-        loss = loss + self.weights.beta * term
-        parts[m] = term.detach()
+        uses_teacher = self.teacher is not None and (self.weights.kd > 0 or type(self.criterion).main_uses_teacher)
+        t_logits, ft = self._teacher(x) if uses_teacher else (None, [])
+        if self.weights.kd > 0:
+            kd = self.kd(logits, t_logits)
+            loss = loss + self.weights.kd * kd
+            parts["kd"] = kd.detach()
+        term = self.criterion(Batch(fs=[fs[k] for k in self.s_taps.keys()], ft=ft, logits_s=logits,
+                                    logits_t=t_logits, y=y, index=index))
+        if term is not None:
+            loss = loss + self.weights.beta * term
+            parts[self.method] = term.detach()
         return loss, logits, parts
+
+    def init_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of one batch of the initialisation stage (AB, FT, FSP)."""
+        if self._s is None:
+            raise RuntimeError("call Distiller.init_step inside `with distiller.hooked():`")
+        fs: list[torch.Tensor] = []
+        if type(self.criterion).init_uses_student:
+            self.student(x)
+            out = self._s.pop()
+            fs = [out[k] for k in self.s_taps.keys()]
+        t_logits, ft = self._teacher(x)
+        return self.criterion.init_loss(Batch(fs=fs, ft=ft, logits_t=t_logits, y=y, index=index))
 
 
 def probe_shapes(model: nn.Module, taps: Taps, input_size: Sequence[int] = zoo.INPUT_SIZE) -> dict[str, tuple[int, ...]]:
@@ -219,7 +219,7 @@ def probe_shapes(model: nn.Module, taps: Taps, input_size: Sequence[int] = zoo.I
     model.eval()
     try:
         device = next(model.parameters()).device
-        with FeatureTaps(model, taps.maps, [taps.pooled] if taps.pooled else []) as t, torch.no_grad():
+        with FeatureTaps(model, taps.outputs(), taps.inputs()) as t, torch.no_grad():
             model(torch.zeros(1, *input_size, device=device))
             return {k: tuple(v.shape) for k, v in t.pop().items()}
     finally:
@@ -227,72 +227,72 @@ def probe_shapes(model: nn.Module, taps: Taps, input_size: Sequence[int] = zoo.I
 
 
 def default_beta(method: str, teacher: str | None, student: str) -> float:
-    """The weight of the method's loss term (see :data:`neurosem.distill.losses.WEIGHTS`)."""
+    """The weight of the method's loss term (each method's ``weights``; for ``kd``: the KD weight)."""
     if method in ("skd", "skd-random") and teacher is not None:
         pair = L.SKD_PAIR_BETA.get((teacher, student))
         if pair is not None:
             return pair
-    w = L.WEIGHTS[method]
+    w = M.get(method).weights
     return w.kd if method == "kd" else w.beta
+
+
+def resolve_weights(method: str, teacher: str | None, student: str, beta: float | None = None,
+                    alpha: float | None = None, gamma: float | None = None) -> LossWeights:
+    """``gamma`` (CE), ``alpha`` (KD) and ``beta`` (the method's term): the given ones, else the
+    method's defaults. For ``kd``, ``beta`` is accepted as the KD weight when ``alpha`` is not given."""
+    base = M.get(method).weights
+    if method == "ce" and (alpha or beta):
+        raise NeurosemError("--method ce trains with cross-entropy alone: for a KD term use --method kd "
+                            "(or another method with --alpha)")
+    b = default_beta(method, teacher, student) if beta is None else float(beta)
+    if method == "kd":
+        kd = float(alpha) if alpha is not None else b
+        b = 0.0
+    else:
+        kd = base.kd if alpha is None else float(alpha)
+    for name, v in (("gamma", gamma), ("alpha", kd), ("beta", b)):
+        if v is not None and (v < 0 or v != v):
+            raise NeurosemError(f"--{name} must be >= 0, got {v}")
+    return LossWeights(ce=base.ce if gamma is None else float(gamma), kd=kd, beta=b)
 
 
 def build_distiller(method: str, student: str, teacher: str | None = None, num_classes: int = 100,
                     vectors: Sequence[torch.Tensor] | None = None, teacher_model: nn.Module | None = None,
                     beta: float | None = None, temperature: float = 1.0, seed: int = 0,
-                    vector_dim: int = 16) -> Distiller:
-    """Construct the student (seeded), the loss of ``method`` and, for the baselines, wire the
-    given trained ``teacher_model``. SKD takes the teacher's ``vectors`` (one ``[C, K]`` per
-    aligned layer, in order); ``skd-random`` draws vectors of the same shape from ``seed``.
+                    vector_dim: int = 16, *, alpha: float | None = None, gamma: float | None = None,
+                    options: MethodOptions | None = None, n_data: int | None = None,
+                    labels: torch.Tensor | None = None) -> Distiller:
+    """Construct the student (seeded), the method and, when it reads the teacher, wire the given
+    trained ``teacher_model``. SKD takes the teacher's ``vectors`` (one ``[C, K]`` per aligned layer,
+    in order); ``skd-random`` draws vectors of the same shape from ``seed``; CRD needs the training
+    set's size ``n_data`` and ``labels: [n_data]``. ``options`` overrides ``temperature``, ``seed``
+    and ``vector_dim``.
 
     Example:
         >>> d = build_distiller("skd-random", "resnet8", num_classes=10)
         >>> d.criterion.widths()
         [16, 32, 64]
     """
-    if method not in METHODS:
-        raise NeurosemError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    torch.manual_seed(seed)
+    cls = M.get(method)
+    opts = options or MethodOptions(temperature=temperature, seed=seed, vector_dim=vector_dim)
+    torch.manual_seed(opts.seed)
     s_model = zoo.build(student, num_classes=num_classes)
-    s_taps = method_taps(method, student)
-    b = default_beta(method, teacher, student) if beta is None else float(beta)
-    base = L.WEIGHTS[method]
-    weights = L.LossWeights(ce=base.ce, kd=b if method == "kd" else base.kd, beta=0.0 if method == "kd" else b)
-    if method == "ce":
-        return Distiller(method, s_model, s_taps, weights)
-    s_shapes = probe_shapes(s_model, s_taps)
-    if method == "skd":
-        if vectors is None:
-            raise ValueError("skd needs the teacher's vectors")
-        return Distiller(method, s_model, s_taps, weights, L.SKDLoss(vectors, temperature=temperature))
-    if method == "skd-random":
-        widths = [s_shapes[k][1] for k in s_taps.maps]
-        dim = int(vectors[0].shape[1]) if vectors else vector_dim
-        return Distiller(method, s_model, s_taps, weights,
-                         L.SKDRandomLoss(widths, dim=dim, seed=seed, temperature=temperature))
-    if teacher is None or teacher_model is None:
+    weights = resolve_weights(method, teacher, student, beta, alpha, gamma)
+    needs_teacher = cls.needs_teacher or weights.kd > 0
+    if needs_teacher and (teacher is None or teacher_model is None):
         raise ValueError(f"{method} needs the teacher's name and model")
-    t_taps = method_taps(method, teacher)
-    t_shapes = probe_shapes(teacher_model, t_taps)
-    sk, tk = s_taps.keys(), t_taps.keys()
-    if method == "kd":
-        crit = None
-    elif method == "fitnet":
-        (ss,), (ts,) = [s_shapes[k] for k in sk], [t_shapes[k] for k in tk]
-        if ss[2:] != ts[2:]:
-            raise NeurosemError(f"FitNet hint layers differ in size: student {sk[0]} {ss[2:]}, "
-                                f"teacher {tk[0]} {ts[2:]}")
-        crit = L.FitNetLoss(ss[1], ts[1])
-    elif method == "at":
-        crit = L.ATLoss()
-    elif method == "sp":
-        crit = L.SPLoss()
-    elif method in ("cc", "cc-rbf"):
-        crit = L.CCLoss(s_shapes[sk[0]][1], t_shapes[tk[0]][1], kernel="crd" if method == "cc" else "rbf")
-    elif method == "rkd":
-        crit = L.RKDLoss()
-    else:
-        crit = L.PKTLoss()
-    return Distiller(method, s_model, s_taps, weights, crit, teacher=teacher_model, teacher_taps=t_taps)
+    try:
+        s_taps = cls.taps(student, opts)
+        t_taps = cls.teacher_taps(teacher, opts) if (cls.needs_teacher and teacher) else Taps()
+    except ValueError as exc:
+        raise NeurosemError(str(exc)) from None
+    ctx = BuildContext(student=student, teacher=teacher, s_taps=s_taps, t_taps=t_taps,
+                       s_shapes=probe_shapes(s_model, s_taps) if s_taps.keys() else {},
+                       t_shapes=probe_shapes(teacher_model, t_taps) if t_taps.keys() else {},  # type: ignore[arg-type]
+                       options=opts, n_data=n_data, labels=labels, vectors=vectors)
+    crit = cls(ctx)
+    return Distiller(crit, s_model, s_taps, weights, teacher=teacher_model if needs_teacher else None,
+                     teacher_taps=t_taps, kd_T=opts.kd_T)
 
 
 def zoo_widths(name: str) -> dict[str, int]:

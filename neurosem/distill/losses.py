@@ -6,7 +6,7 @@ tensors carry gradients; the teacher's (and SKD's vectors) never do.
 
 The total loss follows the CRD code (RepDistiller ``train_student.py``):
 ``L = gamma * CE + alpha * KD + beta * L_method``, with the weights of its published script
-``scripts/run_cifar_distill.sh`` (see :data:`WEIGHTS`): KD uses ``gamma = 0.1, alpha = 0.9``;
+``scripts/run_cifar_distill.sh`` (each method's ``weights`` in :mod:`neurosem.distill.methods`): KD uses ``gamma = 0.1, alpha = 0.9``;
 every feature/relation method uses ``gamma = 1, alpha = 0`` (no KD term) and its own beta. SKD
 follows the paper: ``L = CE + beta * L_SKD``, beta = 0.5 (0.05 for vgg13 -> vgg8).
 """
@@ -34,22 +34,6 @@ class LossWeights:
     beta: float
 
 
-#: Default weights per method. Baselines: the CRD protocol (RepDistiller
-#: scripts/run_cifar_distill.sh, flags -r/-a/-b = ce/kd/beta); SKD: the paper (Sec. 3.1).
-WEIGHTS: dict[str, LossWeights] = {
-    "ce": LossWeights(ce=1.0, kd=0.0, beta=0.0),
-    "kd": LossWeights(ce=0.1, kd=0.9, beta=0.0),       # -r 0.1 -a 0.9 -b 0, T = 4
-    "fitnet": LossWeights(ce=1.0, kd=0.0, beta=100.0),  # --distill hint -a 0 -b 100
-    "at": LossWeights(ce=1.0, kd=0.0, beta=1000.0),     # --distill attention -a 0 -b 1000
-    "sp": LossWeights(ce=1.0, kd=0.0, beta=3000.0),     # --distill similarity -a 0 -b 3000
-    "cc": LossWeights(ce=1.0, kd=0.0, beta=0.02),       # --distill correlation -a 0 -b 0.02
-    "cc-rbf": LossWeights(ce=1.0, kd=0.0, beta=0.02),   # Peng et al.'s kernel; CRD's beta kept
-    "rkd": LossWeights(ce=1.0, kd=0.0, beta=1.0),       # --distill rkd -a 0 -b 1 (w_d 25, w_a 50 inside)
-    "pkt": LossWeights(ce=1.0, kd=0.0, beta=30000.0),   # --distill pkt -a 0 -b 30000
-    "skd": LossWeights(ce=1.0, kd=0.0, beta=0.5),       # paper: beta = 5e-1
-    "skd-random": LossWeights(ce=1.0, kd=0.0, beta=0.5),
-}
-
 #: SKD's beta for pairs where the paper departs from 0.5: (teacher, student) -> beta.
 SKD_PAIR_BETA: dict[tuple[str, str], float] = {("vgg13", "vgg8"): 0.05}
 
@@ -66,38 +50,90 @@ def cosine_logits(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return xn @ xn.transpose(-1, -2) / temperature
 
 
-class _SymmetricGram(torch.autograd.Function):
-    """``G = x x^T`` for ``x: [B, C, D]`` with the one-product backward ``dx = (g + g^T) x``
-    (autograd's generic ``bmm`` backward computes two products)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return x @ x.transpose(1, 2)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return (g + g.transpose(1, 2)) @ x
-
-
 def batch_cosine_logits(f: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``cos(a_ni, a_nj) / tau`` of maps ``f: [B, C, H, W]`` (or ``[B, C, D]``): ``[B, C, C]``.
 
-    The same numbers as :func:`cosine_logits`, computed the cheaper way: when ``H*W >= C`` the
-    Gram matrix of the raw maps is scaled by the inverse norms (read off its diagonal), so the
-    ``[B, C, H*W]`` maps are never normalised and copied; else the (smaller) maps are normalised
-    first. An all-zero map has cosine 0 with every map.
+    The maps are normalised, then multiplied (one ``bmm``); an all-zero map has cosine 0 with
+    every map.
     """
     x = f.flatten(2) if f.dim() == 4 else f
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    if x.shape[2] >= x.shape[1]:
-        G = _SymmetricGram.apply(x)
-        inv = torch.diagonal(G, dim1=1, dim2=2).clamp_min(EPS * EPS).rsqrt()   # 1 / max(|a_i|, eps)
-        return G * (inv[:, :, None] * inv[:, None, :]) / temperature
     xn = x * x.pow(2).sum(-1, keepdim=True).clamp_min(EPS * EPS).rsqrt()
-    return _SymmetricGram.apply(xn) / temperature
+    return xn @ xn.transpose(1, 2) / temperature
+
+
+#: Up to this ``1 / tau`` the backward of :class:`_SKDLayerLoss` builds ``W + W^T`` from the
+#: softmax and its row sums (ratios up to ``e^(2 / tau)`` stay finite in float32); above it, by a
+#: transposed read.
+SYMMETRIC_MAX_INV_TEMPERATURE = 40.0
+
+
+class _SKDLayerLoss(torch.autograd.Function):
+    """One layer of eq. 2 with a hand-written backward that reads the ``[B, C, C]`` and
+    ``[B, C, D]`` tensors as few times as possible. ``x: [B, C, D]`` (float), ``P: [C, C]`` (rows
+    sum to 1), ``a_i = 1 / max(|x_i|, eps)``, ``z_ij = a_i a_j <x_i, x_j> / tau``::
+
+        L = mean_{n,i} lse_ni - (1/C) sum_ij P_ij mean_n z_nij,   lse_ni = log sum_j exp(z_nij)
+        Q = softmax_j(z),   W = (Q - P) / (B C),   S = W + W^T
+        dx_i = sum_j S_ij a_i a_j x_j / tau - a_i^2 (sum_j S_ij z_ij) x_i
+
+    (the last term is the derivative through the norms; it vanishes where the norm is clamped).
+    ``lse_i = z_ii - log Q_ii`` needs logs of the diagonal only. As ``z`` is symmetric,
+    ``Q_ji = Q_ij e^(lse_i - lse_j)``, so ``(B C) S = Q * (1 + u_j / u_i) - (P + P^T)`` with
+    ``u = e^(c - lse)``, ``c = 1/tau``: no exponential and no transposed read of a ``[B, C, C]``
+    tensor in the backward (a transposed read costs ten contiguous passes on a CPU). When
+    ``D >= C`` the Gram matrix of the raw maps is formed (the maps are never normalised and
+    copied); else the maps are normalised first.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, P: torch.Tensor, temperature: float) -> torch.Tensor:
+        b, c_, d = x.shape
+        c = 1.0 / temperature
+        gram = d >= c_
+        if gram:
+            G = torch.bmm(x, x.transpose(1, 2))                                  # [B, C, C]
+            sq = torch.diagonal(G, dim1=1, dim2=2)
+            inv = sq.clamp_min(EPS * EPS).rsqrt()                                # [B, C]
+            live = (sq > EPS * EPS).to(x.dtype)
+            z = G.mul_(inv.unsqueeze(2) * c).mul_(inv.unsqueeze(1))              # cos / tau
+            saved: tuple[torch.Tensor, ...] = (x, inv, live)
+        else:
+            inv = x.pow(2).sum(-1).clamp_min(EPS * EPS).rsqrt()                  # [B, C]
+            xn = x * inv.unsqueeze(-1)
+            z = torch.bmm(xn, xn.transpose(1, 2)).mul_(c)
+            saved = (xn, inv)
+        q = torch.softmax(z, dim=-1)
+        lse = torch.diagonal(z, dim1=1, dim2=2) - torch.diagonal(q, dim1=1, dim2=2).log()   # [B, C]
+        loss = lse.mean() - (P * z.sum(0)).sum() / (b * c_)
+        ctx.save_for_backward(q, lse, P, *saved, *((z,) if gram else ()))
+        ctx.c, ctx.gram = c, gram
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        q, lse, P, *saved = ctx.saved_tensors
+        b, c_, _ = q.shape
+        if ctx.c <= SYMMETRIC_MAX_INV_TEMPERATURE:
+            u = (ctx.c - lse).exp_()                                            # [B, C]
+            sym = torch.addcmul(torch.ones((), dtype=q.dtype, device=q.device), (1 / u).unsqueeze(2),
+                                u.unsqueeze(1)).mul_(q).sub_(P + P.t())
+        else:
+            w = q - P
+            sym = w + w.transpose(1, 2)
+        scale = g * ctx.c / (b * c_)
+        if ctx.gram:
+            x, inv, live, z = saved
+            r = (sym * z).sum(-1)                                               # sum_j S_ij z_ij
+            sym.mul_(inv.unsqueeze(2)).mul_(inv.unsqueeze(1))
+            dx = torch.bmm(sym, x).mul_(scale)
+            coef = (inv * inv * r * live).mul_(g / (b * c_))
+            return dx.addcmul_(x, coef.unsqueeze(-1), value=-1), None, None
+        xn, inv = saved
+        dxn = torch.bmm(sym, xn).mul_(scale)                                    # [B, C, D]
+        dot = (xn * dxn).sum(-1, keepdim=True)
+        return dxn.addcmul_(xn, dot, value=-1).mul_(inv.unsqueeze(-1)), None, None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,8 +150,7 @@ class SKDLoss(nn.Module):
         L_SKD     = -(1/L) sum_l (1/C_l) sum_i sum_j mean_n P_S(j|i) log Q_n(j|i)
 
     The sums over j include j = i (as eq. 1 and 2 do). ``tau = 1`` is the paper's formula.
-    Computed as ``mean_{n,i} logsumexp_j z_nij - (1/C) sum_ij P_S(j|i) mean_n z_nij`` with
-    ``z = cos / tau`` (the same value, as the rows of P_S sum to 1; cheaper on [B, C, C]).
+    Computed by :class:`_SKDLayerLoss` (a hand-written backward; the same value and gradient).
 
     Example:
         >>> loss = SKDLoss([torch.randn(8, 16)])
@@ -150,11 +185,10 @@ class SKDLoss(nn.Module):
         for f, p in zip(feats, self.targets()):
             if f.shape[1] != p.shape[0]:
                 raise ValueError(f"student map has {f.shape[1]} channels, teacher vectors {p.shape[0]}")
-            z = batch_cosine_logits(f, self.temperature)                 # [B, C, C]
-            # -sum_j P_ij log softmax(z_ni)_j = logsumexp_j z_nij - sum_j P_ij z_nij (rows of P sum
-            # to 1); the mean over n of the second term needs only mean_n z.
-            lse = torch.logsumexp(z, dim=-1).mean()                      # mean over n and i
-            total = total + lse - (p.to(z.dtype) * z.mean(0)).sum() / p.shape[0]
+            x = f.flatten(2) if f.dim() == 4 else f
+            if x.dtype in (torch.float16, torch.bfloat16):
+                x = x.float()
+            total = total + _SKDLayerLoss.apply(x, p.to(x.dtype), self.temperature)
         return total / self.n_layers
 
 
@@ -207,13 +241,30 @@ class KDLoss(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # feature maps
 
+def regressor_conv(s_channels: int, t_channels: int, s_hw: Sequence[int], t_hw: Sequence[int]) -> nn.Module:
+    """CRD's (RepDistiller ``ConvReg``) convolution from a student map ``[B, s_channels, *s_hw]`` to
+    the teacher's ``[B, t_channels, *t_hw]``: a 3x3 stride-2 conv when the student's map is twice
+    the size, a 4x4 stride-2 transposed conv when it is half, else a ``(1 + s - t)`` kernel
+    (1x1 for equal sizes). Any other pair raises ``ValueError``."""
+    (sh, sw), (th, tw) = tuple(s_hw), tuple(t_hw)
+    if sh == 2 * th:
+        return nn.Conv2d(s_channels, t_channels, kernel_size=3, stride=2, padding=1)
+    if sh * 2 == th:
+        return nn.ConvTranspose2d(s_channels, t_channels, kernel_size=4, stride=2, padding=1)
+    if sh >= th and sw >= tw:
+        return nn.Conv2d(s_channels, t_channels, kernel_size=(1 + sh - th, 1 + sw - tw))
+    raise ValueError(f"no regressor from a {sh}x{sw} map to a {th}x{tw} map (the student's may be at most "
+                     "half the teacher's size)")
+
+
 class FitNetLoss(nn.Module):
     """FitNets hint (Romero et al. 2015), as in the CRD code (``ConvReg`` + ``HintLoss``)::
 
-        r(f_s) = relu(BN(conv1x1(f_s)))          (trainable regressor, student width -> teacher's)
+        r(f_s) = relu(BN(conv(f_s)))          (trainable regressor, student map -> teacher's shape)
         L      = mean over b, c, h, w of (r(f_s) - f_t)^2
 
-    on the middle feature (RepDistiller's ``hint_layer = 2``); maps of equal spatial size.
+    on RepDistiller's ``hint_layer`` (2: the middle feature). ``conv`` is
+    :func:`regressor_conv`: 1x1 for maps of equal size, else strided, transposed or larger kernels.
 
     Example:
         >>> loss = FitNetLoss(4, 8)
@@ -221,15 +272,18 @@ class FitNetLoss(nn.Module):
         True
     """
 
-    def __init__(self, s_channels: int, t_channels: int) -> None:
+    def __init__(self, s_channels: int, t_channels: int, s_hw: Sequence[int] = (1, 1),
+                 t_hw: Sequence[int] = (1, 1)) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(s_channels, t_channels, kernel_size=1)
+        self.conv = regressor_conv(s_channels, t_channels, s_hw, t_hw)
         self.bn = nn.BatchNorm2d(t_channels)
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-        if f_s.shape[-2:] != f_t.shape[-2:]:
-            raise ValueError(f"FitNet needs maps of equal size, got {tuple(f_s.shape)} and {tuple(f_t.shape)}")
-        return F.mse_loss(torch.relu(self.bn(self.conv(f_s))), f_t)
+        r = torch.relu(self.bn(self.conv(f_s)))
+        if r.shape != f_t.shape:
+            raise ValueError(f"FitNet's regressor maps {tuple(f_s.shape)} to {tuple(r.shape)}, "
+                             f"the teacher's map is {tuple(f_t.shape)}")
+        return F.mse_loss(r, f_t)
 
 
 def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:

@@ -1,19 +1,16 @@
 """Training a CIFAR student: static knowledge distillation (paper eq. 2), the CRD baselines, or
 plain cross-entropy (``method="ce"``, also how teachers are trained).
 
-Protocols (SGD with momentum 0.9 and weight decay 5e-4, batch 64, the LR multiplied by 0.1 at
-the milestones):
+Protocols (:mod:`neurosem.distill.protocols`): ``crd`` (lr 0.05, 0.01 for MobileNetV2 and the
+ShuffleNets, 240 epochs, RepDistiller's) for every method but SKD, whose default is ``paper``
+(lr 0.1, 100 epochs). ``epochs=`` shortens a protocol; its milestones scale with it.
 
-- ``paper``: lr 0.1, 100 epochs, milestones 50/75/90 (the paper, Sec. 3.1; it does not state the
-  momentum, 0.9 is used as in CRD);
-- ``crd``: lr 0.05, 240 epochs, milestones 150/180/210 (RepDistiller's ``train_student.py``).
-
-``epochs=`` shortens a protocol; its milestones scale with it (``round(m * epochs / E)``).
-
-Loss (see :mod:`neurosem.distill.losses` for each formula and :data:`~.losses.WEIGHTS`):
-``ce``: CE; ``kd``: 0.1 CE + 0.9 KD (T = 4); ``skd``/``skd-random``: CE + beta L_SKD (beta 0.5,
-0.05 for vgg13 -> vgg8); feature/relation methods: CE + beta L_method with CRD's beta and no KD
-term (RepDistiller's ``-a 0``). ``beta=`` overrides beta (for ``kd``: the KD weight).
+Loss ``gamma CE + alpha KD + beta L_method`` (each method's formula and default weights in
+:mod:`neurosem.distill.methods`): ``kd``: 0.1 CE + 0.9 KD (T = 4); ``skd``/``skd-random``: CE +
+beta L_SKD (beta 0.5, 0.05 for vgg13 -> vgg8); every other method: CE + beta L_method with CRD's
+beta and no KD term (RepDistiller's ``-a 0``; ``alpha=`` adds one, as CRD+KD). ``beta=`` for
+``kd`` is the KD weight. AB, FT and FSP first run RepDistiller's initialisation stage
+(``init_epochs``, 30). The resolved settings are in ``distill.json``'s ``config``.
 
 SKD never builds or runs the teacher: it needs only the teacher's vectors (``embedding.h5``).
 Every epoch writes ``checkpoint.pt`` (model, optimiser, scheduler, epoch, history, RNG states;
@@ -30,103 +27,47 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neurosem.distill import methods as M
 from neurosem.distill import zoo
-from neurosem.distill.distiller import METHODS, TEACHER_METHODS, build_distiller, zoo_widths
+from neurosem.distill.distiller import build_distiller, resolve_weights, zoo_widths
+from neurosem.distill.methods import LossWeights, MethodOptions
+from neurosem.distill.protocols import PROTOCOLS, Protocol, default_protocol, protocol_lr
+from neurosem.distill.vectors import load_teacher_vectors
 from neurosem.errors import NeurosemError, RunMismatchError
+
+__all__ = ["PROTOCOLS", "Protocol", "default_protocol", "distill", "evaluate", "load_teacher_vectors",
+           "protocol_lr", "resolved_options", "train_teacher"]
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "distill.json"
 WEIGHTS = "weights.pth"
 
 
-@dataclass(frozen=True)
-class Protocol:
-    """SGD schedule: ``lr`` multiplied by ``lr_decay`` at each of ``milestones`` (epochs)."""
-
-    lr: float
-    momentum: float
-    weight_decay: float
-    batch_size: int
-    epochs: int
-    milestones: tuple[int, ...]
-    lr_decay: float = 0.1
-
-    def scaled(self, epochs: int | None) -> "Protocol":
-        """The same protocol over ``epochs`` epochs, milestones scaled proportionally."""
-        if epochs is None or epochs == self.epochs:
-            return self
-        if epochs < 1:
-            raise NeurosemError(f"--epochs must be at least 1, got {epochs}")
-        ms = tuple(int(round(m * epochs / self.epochs)) for m in self.milestones)
-        return Protocol(self.lr, self.momentum, self.weight_decay, self.batch_size, epochs, ms, self.lr_decay)
-
-
-PROTOCOLS: dict[str, Protocol] = {
-    "paper": Protocol(lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=64, epochs=100,
-                      milestones=(50, 75, 90)),
-    "crd": Protocol(lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64, epochs=240,
-                    milestones=(150, 180, 210)),
-}
-
-
-# ------------------------------------------------------------------------------------------------
-# teacher vectors
-
-def load_teacher_vectors(teacher_vectors: str | Path | None, teacher: str | None, student: str,
-                         student_widths: Sequence[int]) -> tuple[list[torch.Tensor], list[str], Path]:
-    """The teacher's S ``[C, K]`` per aligned layer, checked against the student's widths.
-
-    ``teacher_vectors``: an ``embedding.h5`` or a run directory (default: ``runs/<teacher>``).
-    Teacher layers: ``ALIGNED_LAYERS[teacher]``, or the embedding's layers when no teacher is named.
-    Returns ``(vectors, teacher_layers, embedding_path)``.
-    """
-    from neurosem.embed import load_embedding
-    from neurosem.run import RunDir, resolve_run
-
-    s_layers = zoo.ALIGNED_LAYERS[student]
-    if teacher_vectors is None:
-        if teacher is None:
-            raise NeurosemError("skd needs the teacher's vectors: pass --teacher-vectors (an embedding.h5 or "
-                                "the teacher's run directory) or --teacher to use runs/<teacher>")
-        teacher_vectors = resolve_run(None, model=teacher).path
-    p = Path(teacher_vectors)
-    path = p if p.suffix in (".h5", ".hdf5") or p.is_file() else RunDir(p).embedding
-    t_layers_hint = ",".join(zoo.ALIGNED_LAYERS.get(teacher or "", [])) or "STAGE_ENDS"
-    if not path.exists():
-        raise NeurosemError(
-            f"no teacher vectors at {path}: run `neurosem embed {teacher or 'TEACHER'} --weights TEACHER.pth "
-            f"--data cifar100:ROOT --layers {t_layers_hint} --run {path.parent}` first, or pass --teacher-vectors")
-    emb = load_embedding(path)
-    made_by = str(emb.model or "").removeprefix("zoo:")
-    if teacher is not None and made_by and made_by != teacher.removeprefix("zoo:"):
-        raise NeurosemError(f"the vectors in {path} were made for {emb.model}, not the teacher {teacher}: "
-                            f"pass the teacher's own embedding (`neurosem embed {teacher} ...`)")
-    t_layers = list(zoo.ALIGNED_LAYERS[teacher]) if teacher in zoo.ALIGNED_LAYERS else list(emb.layers)
-    if len(t_layers) != len(s_layers):
-        raise NeurosemError(f"teacher layers {', '.join(t_layers)} and student {student} layers "
-                            f"{', '.join(s_layers)} differ in number; SKD aligns them one to one")
-    missing = [t for t in t_layers if t not in emb.layers]
-    if missing:
-        raise NeurosemError(f"{path} has no vectors for teacher layer(s) {', '.join(missing)} (it holds "
-                            f"{', '.join(emb.layers)}); re-run `neurosem embed` with --layers {','.join(t_layers)}")
-    vectors = []
-    for t, s, width in zip(t_layers, s_layers, student_widths):
-        v = torch.as_tensor(np.asarray(emb.vectors(t), dtype=np.float32))
-        if v.shape[0] != width:
-            raise NeurosemError(f"teacher layer {t} has {v.shape[0]} vectors but student layer {s} has "
-                                f"{width} channels: SKD needs equal widths per aligned layer "
-                                f"(e.g. resnet32x4 -> resnet8x4, wrn_40_2 -> wrn_16_2)")
-        vectors.append(v)
-    return vectors, t_layers, path
+def resolved_options(method: str, options: MethodOptions, weights: LossWeights) -> dict[str, Any]:
+    """The options ``method`` actually uses (written to ``distill.json``)."""
+    out: dict[str, Any] = {}
+    if weights.kd > 0:
+        out["kd_T"] = options.kd_T
+    if method in ("skd", "skd-random"):
+        out["temperature"] = options.temperature
+    if method == "skd-random":
+        out["seed"] = options.seed
+    if method == "fitnet":
+        out["hint_layer"] = options.hint_layer
+    if method in ("cc", "cc-rbf", "crd"):
+        out["feat_dim"] = options.feat_dim
+    if method == "crd":
+        out.update(nce_k=options.nce_k, nce_t=options.nce_t, nce_m=options.nce_m)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,9 +86,11 @@ def _datasets(data: str) -> tuple[Any, Any, str]:
     return train_ds, test_ds, name
 
 
-def _collate(items: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _collate(items: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(images [B, 3, H, W], labels [B], dataset indices [B])`` (CRD's memory bank needs the indices)."""
     return (torch.stack([it["image"] for it in items]),
-            torch.tensor([it["label"] for it in items], dtype=torch.long))
+            torch.tensor([it["label"] for it in items], dtype=torch.long),
+            torch.tensor([it["index"] for it in items], dtype=torch.long))
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -167,7 +110,7 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device) -> tuple[float
     model.eval()
     correct, total, loss = 0, 0, 0.0
     with torch.inference_mode():
-        for x, y in loader:
+        for x, y, *_ in loader:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             logits = model(x)
@@ -278,18 +221,30 @@ def _abs(p: str | Path | None) -> str | None:
 # the stage
 
 def distill(teacher: str | None = None, student: str = "resnet8x4", method: str = "skd",
-            data: str = "cifar100:data", protocol: str = "paper", epochs: int | None = None,
+            data: str = "cifar100:data", protocol: str | None = None, epochs: int | None = None,
             seed: int = 0, device: str = "auto", run: str | Path | None = None,
             beta: float | None = None, temperature: float = 1.0,
             teacher_weights: str | Path | None = None, teacher_vectors: str | Path | None = None,
             batch_size: int | None = None, lr: float | None = None, num_workers: int = 2,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, *, alpha: float | None = None, gamma: float | None = None,
+            kd_T: float = 4.0, hint_layer: int = 2, feat_dim: int = 128, nce_k: int = 16384,
+            nce_t: float = 0.07, nce_m: float = 0.5, init_epochs: int | None = None,
+            sampler: Any = None) -> dict[str, Any]:
     """Train ``student`` on CIFAR with ``method``; returns the results (also in ``<run>/distill.json``).
 
+    ``protocol``: ``crd`` for every method but SKD (default ``paper``), see :data:`PROTOCOLS`.
+    Weights: ``gamma`` (CE), ``alpha`` (KD, temperature ``kd_T``), ``beta`` (the method's term);
+    unset ones take the method's defaults. ``hint_layer``: FitNet's feature; ``feat_dim``,
+    ``nce_k``, ``nce_t``, ``nce_m``: CRD's embedding width, negatives, temperature and momentum;
+    ``init_epochs``: the initialisation stage of AB, FT and FSP (default 30, RepDistiller's).
+    ``sampler``: the training set's sampler (default: a shuffle seeded per epoch); one with
+    ``set_epoch`` (e.g. ``DistributedSampler``) is told each epoch.
+
     Results: ``test_acc`` per epoch (top-1, %), ``final_acc``, ``best_acc``, ``best_epoch``,
-    ``epoch_time`` (training seconds per epoch), ``teacher_acc`` (baselines), the config, and the
-    paths of the results, the checkpoint and the final student weights (``weights.pth``, a state
-    dict that ``--weights`` loads).
+    ``epoch_time`` (training seconds per epoch), ``teacher_acc`` (baselines), the resolved
+    ``config`` (every weight, temperature and option actually used), and the paths of the
+    results, the checkpoint and the final student weights (``weights.pth``, a state dict that
+    ``--weights`` loads).
 
     Example:
         >>> distill(teacher="resnet32x4", student="resnet8x4", method="skd",
@@ -300,27 +255,41 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
     from neurosem._progress import progress as bar
     from neurosem.run import RunDir
 
-    if method not in METHODS:
-        raise NeurosemError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    spec = M.get(method)   # an unknown name lists the closest ones
+    protocol = protocol or default_protocol(method)
     if protocol not in PROTOCOLS:
         raise NeurosemError(f"unknown protocol {protocol!r}: choose paper or crd")
-    if temperature <= 0:
-        raise NeurosemError(f"--temperature must be > 0, got {temperature}")
+    for flag, v in (("--temperature", temperature), ("--kd-T", kd_T), ("--nce-t", nce_t)):
+        if not v > 0:
+            raise NeurosemError(f"{flag} must be > 0, got {v}")
+    if not 0 <= nce_m < 1:
+        raise NeurosemError(f"--nce-m must be in [0, 1), got {nce_m}")
+    if feat_dim < 1 or nce_k < 1:
+        raise NeurosemError(f"--feat-dim and --nce-k must be >= 1, got {feat_dim} and {nce_k}")
     for name in (student, teacher):
         if name is not None and name not in zoo.ZOO:
             zoo.build(name)  # raises the one-line "unknown model, did you mean" error
-    if method in TEACHER_METHODS:
+    weights = resolve_weights(method, teacher, student, beta, alpha, gamma)
+    runs_teacher = spec.needs_teacher or weights.kd > 0
+    if runs_teacher:
+        why = f"--method {method}" if spec.needs_teacher else f"--alpha {weights.kd} (the KD term)"
         if teacher is None:
-            raise NeurosemError(f"--method {method} runs a teacher: pass --teacher MODEL and --teacher-weights FILE")
+            raise NeurosemError(f"{why} runs a teacher: pass --teacher MODEL and --teacher-weights FILE")
         if teacher_weights is None:
             raise NeurosemError(
-                f"--method {method} runs the teacher {teacher}: pass --teacher-weights FILE (train one with "
+                f"{why} runs the teacher {teacher}: pass --teacher-weights FILE (train one with "
                 f"`neurosem distill --method ce --student {teacher} --data {data}`)")
     if method == "ce":
         teacher = None
+    n_init = (30 if init_epochs is None else int(init_epochs)) if spec.init_stage else 0
+    if n_init < 0:
+        raise NeurosemError(f"--init-epochs must be >= 0, got {init_epochs}")
+    options = MethodOptions(kd_T=float(kd_T), hint_layer=int(hint_layer), temperature=float(temperature),
+                            feat_dim=int(feat_dim), nce_k=int(nce_k), nce_t=float(nce_t), nce_m=float(nce_m),
+                            seed=int(seed))
     proto = PROTOCOLS[protocol].scaled(epochs)
     bs = int(batch_size or proto.batch_size)
-    base_lr = float(lr if lr is not None else proto.lr)
+    base_lr = float(lr if lr is not None else protocol_lr(protocol, student))
 
     dev = resolve_device(device)
     train_ds, test_ds, data_name = _datasets(data)
@@ -334,26 +303,31 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
         widths = [zoo_widths(student)[l] for l in zoo.ALIGNED_LAYERS[student]]
         vectors, t_layers, emb_path = load_teacher_vectors(teacher_vectors, teacher, student, widths)
     teacher_model = None
-    if method in TEACHER_METHODS:
+    if runs_teacher:
         from neurosem.models import load_weights_file
 
         teacher_model = zoo.build(teacher, num_classes=num_classes)  # type: ignore[arg-type]
         load_weights_file(teacher_model, teacher_weights)  # type: ignore[arg-type]
         teacher_model.eval()
+    labels = torch.as_tensor(train_ds.labels, dtype=torch.long) if spec.needs_index else None
     dist = build_distiller(method, student, teacher, num_classes=num_classes, vectors=vectors,
-                           teacher_model=teacher_model, beta=beta, temperature=temperature, seed=seed)
+                           teacher_model=teacher_model, beta=beta, alpha=alpha, gamma=gamma, options=options,
+                           n_data=len(train_ds), labels=labels)
     dist.to(dev)
+    init_lr = dist.criterion.init_lr(student, base_lr) if n_init else None
 
     config = {
         "teacher": teacher, "student": student, "method": method, "protocol": protocol,
         "epochs": proto.epochs, "milestones": list(proto.milestones), "lr": base_lr,
         "momentum": proto.momentum, "weight_decay": proto.weight_decay, "batch_size": bs,
         "seed": int(seed), "weights": asdict(dist.weights),
-        "temperature": float(temperature) if method in ("skd", "skd-random") else None,
+        "options": resolved_options(method, options, dist.weights),
+        "init_epochs": n_init, "init_lr": init_lr,
         "data": f"{data_name}:{_abs(train_ds.root)}", "num_classes": num_classes,
-        "teacher_weights": _abs(teacher_weights) if method in TEACHER_METHODS else None,
+        "teacher_weights": _abs(teacher_weights) if runs_teacher else None,
         "teacher_vectors": str(Path(emb_path).resolve()) if emb_path else None,
-        "teacher_layers": t_layers, "student_layers": list(dist.s_taps.keys()),
+        "teacher_layers": t_layers if t_layers else (list(dist.t_taps.keys()) or None),
+        "student_layers": list(dist.s_taps.keys()),
     }
     params = list(dist.parameters())
     optimizer = torch.optim.SGD(params, lr=base_lr, momentum=proto.momentum, weight_decay=proto.weight_decay)
@@ -361,7 +335,9 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
                                                      gamma=proto.lr_decay)
     history: dict[str, list[float]] = {k: [] for k in (
         "epoch", "lr", "train_loss", "train_acc", "test_acc", "test_loss", "epoch_time", "eval_time")}
-    history.update({f"train_{k}": [] for k in _part_names(method)})
+    history.update({f"train_{k}": [] for k in dist.part_names()})
+    if n_init:
+        history.update({"init_loss": [], "init_time": []})
     start_epoch, teacher_acc = 0, None
 
     if ckpt_path.exists():
@@ -373,14 +349,16 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
         history, start_epoch, teacher_acc = _resume(ckpt_path, state, dist, optimizer, scheduler)
         if progress and start_epoch < proto.epochs:
             print(f"resuming {rd.path} after epoch {start_epoch}/{proto.epochs}", file=sys.stderr)
+    resumed = state if ckpt_path.exists() else {}
+    init_done = n_init if start_epoch > 0 else int(resumed.get("init_epoch", 0))
 
     pin = dev.type == "cuda"
     if pin:
         torch.backends.cudnn.benchmark = True   # as the CRD code; CUDA runs are not bit-reproducible
     gen = torch.Generator()
     train_loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=bs, shuffle=True, num_workers=num_workers, collate_fn=_collate,
-        pin_memory=pin, generator=gen, drop_last=False)
+        train_ds, batch_size=bs, shuffle=sampler is None, sampler=sampler, num_workers=num_workers,
+        collate_fn=_collate, pin_memory=pin, generator=gen if sampler is None else None, drop_last=False)
     test_loader = torch.utils.data.DataLoader(
         test_ds, batch_size=max(bs, 256), shuffle=False, num_workers=num_workers, collate_fn=_collate,
         pin_memory=pin)
@@ -405,14 +383,47 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
             "weights_path": str(weights_path) if status == "complete" else None,
         }
 
+    def checkpoint(epoch: int, init_optimizer: Any = None) -> None:
+        _save_checkpoint(ckpt_path, {
+            "config": config, "epoch": epoch, "model": dist.student.state_dict(),
+            "criterion": dist.criterion.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "history": history, "teacher_acc": teacher_acc, "rng": _rng_state(),
+            "init_epoch": n_init if init_optimizer is None else init_done,
+            "init_optimizer": init_optimizer.state_dict() if init_optimizer is not None else None})
+        _write_json(results_path, results("running"))
+
     rd.update_meta("distill", {k: v for k, v in config.items()})
     with dist.hooked():
+        if init_done < n_init:      # AB, FT, FSP: RepDistiller's initialisation stage (helper/pretrain.py)
+            init_opt = torch.optim.SGD(dist.init_parameters(), lr=init_lr, momentum=proto.momentum,
+                                       weight_decay=proto.weight_decay)
+            if resumed.get("init_optimizer"):
+                init_opt.load_state_dict(resumed["init_optimizer"])
+            for k in range(init_done, n_init):
+                es = _epoch_seed(seed, -(k + 1))
+                _seed_all(es)
+                gen.manual_seed(es)
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(-(k + 1))
+                mean, secs = _init_epoch(dist, train_loader, init_opt, dev, bar, progress, f"init {k + 1}/{n_init}")
+                if not math.isfinite(mean):
+                    raise NeurosemError(f"the {method} initialisation loss became {mean} in init epoch {k + 1}: "
+                                        "lower --lr or --init-epochs")
+                history["init_loss"].append(mean)
+                history["init_time"].append(secs)
+                init_done = k + 1
+                checkpoint(0, init_opt)
+                if progress:
+                    print(f"init {k + 1}/{n_init}: loss {mean:.4f} ({secs:.1f} s)", file=sys.stderr)
         for epoch in range(start_epoch, proto.epochs):
             es = _epoch_seed(seed, epoch)
             _seed_all(es)
             gen.manual_seed(es)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
             dist.train()
-            names = ["loss"] + _part_names(method)
+            names = ["loss"] + dist.part_names()
             acc_dtype = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
             acc_sums = torch.zeros(len(names) + 1, dtype=acc_dtype, device=dev)  # sums, then correct
             seen = 0
@@ -421,11 +432,12 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
             # an explicit iterator: tqdm.auto would otherwise call iter() twice, drawing the shuffle
             # seed from `gen` twice (progress bars would change the results) and starting workers twice
             batches = iter(train_loader)
-            for x, y in bar(batches, total=len(train_loader), desc=f"epoch {epoch + 1}/{proto.epochs}",
-                            enabled=progress, unit="batch"):
+            for x, y, index in bar(batches, total=len(train_loader), desc=f"epoch {epoch + 1}/{proto.epochs}",
+                                   enabled=progress, unit="batch"):
                 x = x.to(dev, non_blocking=True)
                 y = y.to(dev, non_blocking=True)
-                loss, logits, parts = dist.step(x, y)
+                index = index.to(dev, non_blocking=True)
+                loss, logits, parts = dist.step(x, y, index)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -449,19 +461,14 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
             history["epoch"].append(epoch + 1)
             history["lr"].append(lr_now)
             history["train_loss"].append(sums["loss"] / seen)
-            for k in _part_names(method):
+            for k in dist.part_names():
                 history[f"train_{k}"].append(sums[k] / seen)
             history["train_acc"].append(100.0 * correct / seen)
             history["test_acc"].append(test_acc)
             history["test_loss"].append(test_loss)
             history["epoch_time"].append(train_time)
             history["eval_time"].append(eval_time)
-            _save_checkpoint(ckpt_path, {
-                "config": config, "epoch": epoch + 1, "model": dist.student.state_dict(),
-                "criterion": dist.criterion.state_dict() if dist.criterion is not None else {},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "history": history, "teacher_acc": teacher_acc, "rng": _rng_state()})
-            _write_json(results_path, results("running"))
+            checkpoint(epoch + 1)
             if progress:
                 print(f"epoch {epoch + 1}/{proto.epochs}: loss {sums['loss'] / seen:.4f}, train "
                       f"{100.0 * correct / seen:.2f}%, test {test_acc:.2f}% ({train_time:.1f} s)", file=sys.stderr)
@@ -472,10 +479,22 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
     return out
 
 
-def _part_names(method: str) -> list[str]:
-    if method == "ce":
-        return ["ce"]
-    return ["ce", method]
+def _init_epoch(dist: Any, loader: Any, optimizer: torch.optim.Optimizer, dev: torch.device, bar: Any,
+                progress: bool, desc: str) -> tuple[float, float]:
+    """One epoch of the initialisation stage: ``(mean loss per image, seconds)``."""
+    dist.train()
+    total = torch.zeros((), dtype=torch.float32 if dev.type == "mps" else torch.float64, device=dev)
+    seen, t0 = 0, time.perf_counter()
+    batches = iter(loader)
+    for x, y, index in bar(batches, total=len(loader), desc=desc, enabled=progress, unit="batch"):
+        x, y, index = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), index.to(dev, non_blocking=True)
+        loss = dist.init_step(x, y, index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach().to(total.dtype) * int(y.shape[0])
+        seen += int(y.shape[0])
+    return float(total) / max(seen, 1), time.perf_counter() - t0
 
 
 def train_teacher(model: str, data: str, protocol: str = "crd", epochs: int | None = None, seed: int = 0,

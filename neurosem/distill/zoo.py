@@ -10,9 +10,15 @@ family          stages (channels)            stage-end modules (``ALIGNED_LAYERS
 ==============  ===========================  ==========================================
 resnetN         16 / 32 / 64, stem 16        ``layer1``, ``layer2``, ``layer3``
 resnet8x4/32x4  64 / 128 / 256, stem 32      ``layer1``, ``layer2``, ``layer3``
-wrn_16_2/40_2   32 / 64 / 128, stem 16       ``block1``, ``block2``, ``block3``
-vgg8/vgg13      64 / 128 / 256 / 512 / 512   ``block0`` ... ``block4``
+wrn_16_k/40_k   16k / 32k / 64k, stem 16     ``block1``, ``block2``, ``block3``
+vgg8/11/13/16/19  64 / 128 / 256 / 512 / 512 ``block0`` ... ``block4``
+ResNet50        256 / 512 / 1024 / 2048      ``layer1`` ... ``layer4``
+MobileNetV2     12 / 16 / 48 / 160           ``blocks.1``, ``blocks.2``, ``blocks.4``, ``blocks.6``
+ShuffleV1       240 / 480 / 960              ``layer1``, ``layer2``, ``layer3``
+ShuffleV2       116 / 232 / 464              ``layer1``, ``layer2``, ``layer3``
 ==============  ===========================  ==========================================
+
+(ResNet50, MobileNetV2 and the ShuffleNets are in :mod:`neurosem.distill.zoo_more`.)
 
 Every stage end is a named module whose output is the stage's feature map (after the ReLU for
 the ResNets and VGGs; WRN is pre-activation, so its block outputs are the residual sums, as in
@@ -21,7 +27,7 @@ RepDistiller). ``neurosem layers resnet8x4`` lists them; the recorder hooks them
 ``FEATURE_LAYERS`` is RepDistiller's list of intermediate features (``is_feat=True`` minus the
 pooled vector), which the CRD-protocol baselines index into (AT uses ``[1:]``, FitNet ``[2]``, SP
 ``[-1]``); ``CLASSIFIER`` names the final linear layer, whose input is the pooled feature used by
-RKD, PKT and CC.
+RKD, PKT, CC and CRD; :func:`preact_layers` names the pre-activation maps AB distils.
 
 Example:
     >>> model = ZOO["resnet8x4"](num_classes=100)
@@ -36,6 +42,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+from neurosem.distill import zoo_more as _more
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,12 +67,13 @@ class BasicBlock(nn.Module):
         if stride != 1 or inplanes != planes:
             self.downsample = nn.Sequential(
                 nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+        self.preact = nn.Identity()   # names the pre-activation sum (AB distils it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return torch.relu(out + shortcut)
+        return torch.relu(self.preact(out + shortcut))
 
 
 class CifarResNet(nn.Module):
@@ -239,7 +248,10 @@ class CifarVGG(nn.Module):
 
 _VGG_CFG = {
     "vgg8": [[64], [128], [256], [512], [512]],
+    "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
     "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+    "vgg16": [[64, 64], [128, 128], [256] * 3, [512] * 3, [512] * 3],
+    "vgg19": [[64, 64], [128, 128], [256] * 4, [512] * 4, [512] * 4],
 }
 
 
@@ -269,36 +281,85 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet110": partial(_resnet, 110, _SMALL),
     "resnet8x4": partial(_resnet, 8, _X4),
     "resnet32x4": partial(_resnet, 32, _X4),
+    "wrn_16_1": partial(_wrn, 16, 1),
     "wrn_16_2": partial(_wrn, 16, 2),
+    "wrn_40_1": partial(_wrn, 40, 1),
     "wrn_40_2": partial(_wrn, 40, 2),
     "vgg8": partial(_vgg, "vgg8"),
+    "vgg11": partial(_vgg, "vgg11"),
     "vgg13": partial(_vgg, "vgg13"),
+    "vgg16": partial(_vgg, "vgg16"),
+    "vgg19": partial(_vgg, "vgg19"),
+    "ResNet50": lambda num_classes=100: _more.CifarResNet50(num_classes=num_classes),
+    "MobileNetV2": lambda num_classes=100: _more.MobileNetV2(num_classes=num_classes),
+    "ShuffleV1": lambda num_classes=100: _more.ShuffleNetV1(num_classes=num_classes),
+    "ShuffleV2": lambda num_classes=100: _more.ShuffleNetV2(num_classes=num_classes),
 }
 
 _RESNET_STAGES = ["layer1", "layer2", "layer3"]
 _WRN_STAGES = ["block1", "block2", "block3"]
 _VGG_STAGES = ["block0", "block1", "block2", "block3", "block4"]
+_MOBILE_STAGES = ["blocks.1", "blocks.2", "blocks.4", "blocks.6"]   # RepDistiller's f1..f4
 
 
 def _family(name: str) -> str:
+    if name in ("ResNet50", "MobileNetV2", "ShuffleV1", "ShuffleV2"):
+        return name
     return "resnet" if name.startswith("resnet") else "wrn" if name.startswith("wrn") else "vgg"
 
 
+_STAGES = {"resnet": _RESNET_STAGES, "wrn": _WRN_STAGES, "vgg": _VGG_STAGES,
+           "ResNet50": _RESNET_STAGES + ["layer4"], "MobileNetV2": _MOBILE_STAGES,
+           "ShuffleV1": _RESNET_STAGES, "ShuffleV2": _RESNET_STAGES}
+_STEM = {"resnet": ["relu"], "wrn": ["conv1"], "vgg": [], "ResNet50": ["relu"], "MobileNetV2": ["conv1"],
+         "ShuffleV1": ["relu"], "ShuffleV2": ["relu"]}
+
 #: name -> stage-end module names (the layers SKD aligns; the default layers of ``neurosem.models``).
-ALIGNED_LAYERS: dict[str, list[str]] = {
-    name: list({"resnet": _RESNET_STAGES, "wrn": _WRN_STAGES, "vgg": _VGG_STAGES}[_family(name)])
-    for name in ZOO
-}
+ALIGNED_LAYERS: dict[str, list[str]] = {name: list(_STAGES[_family(name)]) for name in ZOO}
 
 #: name -> RepDistiller's intermediate features in order (the stem's output, then the stages).
-FEATURE_LAYERS: dict[str, list[str]] = {
-    name: {"resnet": ["relu"] + _RESNET_STAGES, "wrn": ["conv1"] + _WRN_STAGES,
-           "vgg": list(_VGG_STAGES)}[_family(name)]
-    for name in ZOO
-}
+FEATURE_LAYERS: dict[str, list[str]] = {name: _STEM[_family(name)] + _STAGES[_family(name)] for name in ZOO}
+
+#: name -> the modules RepDistiller's ``get_feat_modules`` returns (what the initialisation stage
+#: of AB and FSP trains; WRN's final BN, MobileNetV2's and ShuffleV2's last 1x1 conv are not in it).
+FEAT_MODULES: dict[str, list[str]] = {
+    name: {"resnet": ["conv1", "bn1", "layer1", "layer2", "layer3"], "wrn": ["conv1"] + _WRN_STAGES,
+           "vgg": list(_VGG_STAGES), "ResNet50": ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"],
+           "MobileNetV2": ["conv1", "blocks"]}.get(_family(name), ["conv1", "bn1", "layer1", "layer2", "layer3"])
+    for name in ZOO}
 
 #: name -> the final linear layer (its input is the pooled penultimate feature).
-CLASSIFIER: dict[str, str] = {name: "classifier" if _family(name) == "vgg" else "fc" for name in ZOO}
+CLASSIFIER: dict[str, str] = {
+    name: {"vgg": "classifier", "MobileNetV2": "classifier.0", "resnet": "fc", "wrn": "fc"}.get(_family(name), "linear")
+    for name in ZOO}
+
+
+def preact_layers(name: str) -> list[str]:
+    """Tap keys of the pre-activation maps of ``FEATURE_LAYERS[name][1:]`` (RepDistiller's
+    ``preact=True`` features, which AB distils): each stage's last ``preact`` module (ResNets,
+    ShuffleNets), the input of each block's last ReLU (VGG), the BN that follows each stage (WRN,
+    as RepDistiller); MobileNetV2 has none (its features as they are).
+
+    Example:
+        >>> preact_layers("resnet8")
+        ['layer1.0.preact', 'layer2.0.preact', 'layer3.0.preact']
+    """
+    fam = _family(name)
+    stages = FEATURE_LAYERS[name][1:]
+    if fam == "wrn":
+        return ["block2.layer.0.bn1", "block3.layer.0.bn1", "bn1"]
+    if fam == "MobileNetV2":
+        return list(stages)
+    model = build(name, num_classes=10)
+    out = []
+    for stage in stages:
+        mod = model.get_submodule(stage)
+        if fam == "vgg":
+            out.append(f"{stage}.{len(mod) - 1}:input")
+        else:
+            pre = [n for n, _ in mod.named_modules() if n.endswith("preact")]
+            out.append(f"{stage}.{pre[-1]}")
+    return out
 
 #: Input size of every zoo model.
 INPUT_SIZE = (3, 32, 32)

@@ -100,30 +100,54 @@ def test_skd_gradient_reaches_student_not_vectors():
 
 
 def test_skd_gradient_equals_the_plain_formula():
-    """The cheaper evaluation (Gram of raw maps, logsumexp form, one-product backward) has the
-    gradient of the direct eq. 2 (normalise, cosine, log_softmax, cross-entropy)."""
+    """The cheaper evaluation (a hand-written backward; the Gram path for H*W >= C, normalised maps
+    else) has the value and gradient of the direct eq. 2 (normalise, cosine, log_softmax,
+    cross-entropy), at the paper's tau and at one whose backward takes the transposed path."""
     g = torch.Generator().manual_seed(2)
     S = [torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)]
     maps = [torch.rand(2, 3, 2, 2, generator=g, dtype=torch.float64).requires_grad_(),   # H*W >= C
             torch.rand(2, 5, 1, 2, generator=g, dtype=torch.float64).requires_grad_()]   # H*W < C
-    tau = 0.5
-    L.SKDLoss(S, temperature=tau).double()(maps).backward()
-    fast = [m.grad.clone() for m in maps]
-    for m in maps:
-        m.grad = None
-    total = 0.0
-    for s, m in zip(S, maps):
-        sn = s / s.norm(dim=1, keepdim=True)
-        P = torch.softmax(sn @ sn.t() / tau, dim=1)
-        x = m.flatten(2)
-        xn = x / x.norm(dim=2, keepdim=True)
-        log_q = torch.log_softmax(xn @ xn.transpose(1, 2) / tau, dim=2)
-        total = total - (P * log_q).sum(2).mean()
-    (total / 2).backward()
-    for a, m in zip(fast, maps):
-        torch.testing.assert_close(a, m.grad)
+    for tau in (0.5, 0.02):
+        value = L.SKDLoss(S, temperature=tau).double()(maps)
+        value.backward()
+        fast = [m.grad.clone() for m in maps]
+        for m in maps:
+            m.grad = None
+        total = 0.0
+        for s, m in zip(S, maps):
+            sn = s / s.norm(dim=1, keepdim=True)
+            P = torch.softmax(sn @ sn.t() / tau, dim=1)
+            x = m.flatten(2)
+            xn = x / x.norm(dim=2, keepdim=True)
+            log_q = torch.log_softmax(xn @ xn.transpose(1, 2) / tau, dim=2)
+            total = total - (P * log_q).sum(2).mean()
+        (total / 2).backward()
+        torch.testing.assert_close(value.detach(), total.detach() / 2)
+        for a, m in zip(fast, maps):
+            torch.testing.assert_close(a, m.grad)
+            m.grad = None
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(L._SymmetricGram.apply, (x,))
+    P = torch.softmax(torch.randn(3, 3, dtype=torch.float64), dim=1)
+    assert torch.autograd.gradcheck(lambda v: L._SKDLayerLoss.apply(v, P, 0.7), (x,))
+
+
+def test_skd_fused_loss_keeps_zero_maps_at_cosine_zero_and_can_backward_twice():
+    P = torch.softmax(torch.randn(3, 3, dtype=torch.float64), dim=1)
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    x[0, 1] = 0.0
+    xr = x.clone().requires_grad_()
+    v = L._SKDLayerLoss.apply(xr, P, 1.0)
+    z = L.batch_cosine_logits(x)
+    assert float(z[0, 1].abs().max()) == 0.0
+    ref = torch.logsumexp(z, -1).mean() - (P * z.mean(0)).sum() / 3
+    torch.testing.assert_close(v.detach(), ref)
+    v.backward(retain_graph=True)
+    once = xr.grad.clone()
+    v.backward()
+    torch.testing.assert_close(xr.grad, 2 * once)
+    zr = x.clone().requires_grad_()
+    (torch.logsumexp(L.batch_cosine_logits(zr), -1).mean() - (P * L.batch_cosine_logits(zr).mean(0)).sum() / 3).backward()
+    torch.testing.assert_close(once, zr.grad)
 
 
 def test_skd_targets_equal_the_embedding_convention():
@@ -347,9 +371,14 @@ def test_pkt_matches_reference():
 
 
 def test_default_weights_follow_crd_and_paper():
-    assert (L.WEIGHTS["kd"].ce, L.WEIGHTS["kd"].kd) == (0.1, 0.9)
-    assert {m: L.WEIGHTS[m].beta for m in ("fitnet", "at", "sp", "cc", "rkd", "pkt")} == {
-        "fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "cc": 0.02, "rkd": 1.0, "pkt": 30000.0}
-    assert all(L.WEIGHTS[m].kd == 0.0 and L.WEIGHTS[m].ce == 1.0 for m in L.WEIGHTS if m != "kd")
-    assert L.WEIGHTS["skd"].beta == 0.5 and L.SKD_PAIR_BETA[("vgg13", "vgg8")] == 0.05
+    from neurosem.distill import methods as M
+
+    W = {m: M.get(m).weights for m in M.names()}
+    assert (W["kd"].ce, W["kd"].kd) == (0.1, 0.9)
+    # RepDistiller scripts/run_cifar_distill.sh: -b of every method, -a 0, -r 1
+    assert {m: W[m].beta for m in ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd")} == {
+        "fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "cc": 0.02, "vid": 1.0, "rkd": 1.0, "pkt": 30000.0,
+        "ab": 1.0, "ft": 200.0, "fsp": 50.0, "nst": 50.0, "crd": 0.8}
+    assert all(W[m].kd == 0.0 and W[m].ce == 1.0 for m in W if m != "kd")
+    assert W["skd"].beta == 0.5 and L.SKD_PAIR_BETA[("vgg13", "vgg8")] == 0.05
     assert np.isclose(L.RKDLoss().w_d, 25) and np.isclose(L.RKDLoss().w_a, 50)

@@ -142,3 +142,101 @@ def test_resnet_stage_outputs_are_post_relu_and_reference_keys():
 def test_unknown_model_names_the_closest():
     with pytest.raises(NeurosemError, match="resnet8x4"):
         zoo.build("resnet8x5")
+
+
+# the nine models added for CRD's cross-architecture table and wrn_40_2 -> wrn_40_1 ---------------
+
+#: Exact parameter counts at 100 classes (each equal to the RepDistiller model's, whose state dict
+#: has the same keys and shapes; the issue's rounded sizes in the comments).
+NEW_COUNTS = {
+    "wrn_16_1": 180_916,      # 0.18 M
+    "wrn_40_1": 569_780,      # 0.57 M
+    "ResNet50": 23_705_252,   # 23.71 M
+    "MobileNetV2": 812_836,   # 0.81 M
+    "ShuffleV1": 949_258,     # 0.95 M
+    "ShuffleV2": 1_355_528,   # 1.36 M
+    "vgg11": 9_277_284,       # 9.28 M
+    "vgg16": 14_774_436,      # 14.77 M
+    "vgg19": 20_086_692,      # 20.09 M
+}
+
+CROSS_PAIRS = [("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2"), ("ResNet50", "vgg8"),
+               ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"), ("wrn_40_2", "ShuffleV1"),
+               ("wrn_40_2", "wrn_40_1")]
+
+
+@pytest.mark.parametrize("name", sorted(NEW_COUNTS))
+def test_new_models_have_crds_parameter_counts(name):
+    model = zoo.build(name)
+    assert _n_params(model) == NEW_COUNTS[name]
+    assert round(NEW_COUNTS[name] / 1e6, 2) == {"wrn_16_1": 0.18, "wrn_40_1": 0.57, "ResNet50": 23.71,
+                                                "MobileNetV2": 0.81, "ShuffleV1": 0.95, "ShuffleV2": 1.36,
+                                                "vgg11": 9.28, "vgg16": 14.77, "vgg19": 20.09}[name]
+
+
+def test_new_counts_follow_the_formulas():
+    assert _n_params(zoo.build("wrn_16_1")) == _wrn_count(16, 1)
+    assert _n_params(zoo.build("wrn_40_1")) == _wrn_count(40, 1)
+    assert _n_params(zoo.build("vgg11")) == _vgg_count([[64], [128], [256, 256], [512, 512], [512, 512]])
+    assert _n_params(zoo.build("vgg16")) == _vgg_count([[64, 64], [128, 128], [256] * 3, [512] * 3, [512] * 3])
+    assert _n_params(zoo.build("vgg19")) == _vgg_count([[64, 64], [128, 128], [256] * 4, [512] * 4, [512] * 4])
+
+
+def test_new_models_use_repdistillers_module_names():
+    keys = {n: set(zoo.build(n, num_classes=10).state_dict()) for n in ("ResNet50", "MobileNetV2", "ShuffleV1", "ShuffleV2")}
+    assert {"conv1.weight", "layer4.2.bn3.running_var", "layer1.0.shortcut.0.weight", "linear.bias"} <= keys["ResNet50"]
+    assert {"conv1.0.weight", "blocks.6.0.conv.7.running_mean", "conv2.1.weight", "classifier.0.weight"} <= keys["MobileNetV2"]
+    assert {"bn1.weight", "layer2.7.conv3.weight", "linear.weight"} <= keys["ShuffleV1"]
+    assert {"layer3.0.conv5.weight", "layer3.3.bn3.bias", "conv2.weight", "bn2.weight", "linear.weight"} <= keys["ShuffleV2"]
+
+
+@pytest.mark.parametrize("teacher,student", CROSS_PAIRS)
+def test_cross_architecture_pairs_run_and_expose_features(teacher, student):
+    for name in (teacher, student):
+        layers = zoo.FEATURE_LAYERS[name] + zoo.preact_layers(name)
+        outs = [k for k in layers if not k.endswith(":input")]
+        shapes, logits = _stage_outputs(zoo.build(name), outs)
+        assert logits.shape == (2, 100)
+        assert len(zoo.preact_layers(name)) == len(zoo.FEATURE_LAYERS[name]) - 1
+        sizes = [shapes[k][2] for k in zoo.FEATURE_LAYERS[name]]
+        assert sizes == sorted(sizes, reverse=True)   # stages never grow
+
+
+def test_feature_maps_of_the_new_models():
+    expect = {"MobileNetV2": [(16, 16), (12, 16), (16, 8), (48, 4), (160, 2)],
+              "ShuffleV1": [(24, 32), (240, 16), (480, 8), (960, 4)],
+              "ShuffleV2": [(24, 32), (116, 16), (232, 8), (464, 4)],
+              "ResNet50": [(64, 32), (256, 32), (512, 16), (1024, 8), (2048, 4)]}
+    for name, want in expect.items():
+        shapes, _ = _stage_outputs(zoo.build(name), zoo.FEATURE_LAYERS[name])
+        assert [(shapes[k][1], shapes[k][2]) for k in zoo.FEATURE_LAYERS[name]] == want
+
+
+def test_shufflev2_preact_is_the_concat_before_the_relu():
+    model = zoo.build("ShuffleV2", num_classes=10).eval()
+    block = model.layer1[3]
+    got = {}
+    h = block.preact.register_forward_hook(lambda m, i, o: got.__setitem__("pre", o))
+    h2 = block.shuffle.register_forward_pre_hook(lambda m, i: got.__setitem__("post", i[0]))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    h.remove(), h2.remove()
+    c = got["pre"].shape[1] // 2
+    assert torch.equal(got["post"][:, c:], torch.relu(got["pre"][:, c:]))
+    assert torch.equal(got["post"][:, :c], got["pre"][:, :c])
+    assert (got["pre"][:, c:] < 0).any()
+
+
+def test_feat_modules_are_repdistillers_get_feat_modules():
+    """What the initialisation stage of AB and FSP trains: everything but the classifier, except
+    WRN's final BN and the last 1x1 conv of MobileNetV2 and ShuffleV2 (as RepDistiller)."""
+    from neurosem.distill.methods.base import feature_modules
+
+    for name in zoo.ZOO:
+        model = zoo.build(name, num_classes=10)
+        chosen = {id(p) for p in feature_modules(model, zoo.FEAT_MODULES[name])}
+        left = sorted(k.rsplit(".", 1)[0] for k, p in model.named_parameters() if id(p) not in chosen)
+        expect = {"wrn": ["bn1", "bn1", "fc", "fc"], "MobileNetV2": ["classifier.0", "classifier.0", "conv2.0",
+                  "conv2.1", "conv2.1"], "ShuffleV2": ["bn2", "bn2", "conv2", "linear", "linear"]}
+        fam = zoo._family(name)
+        assert left == expect.get(fam, sorted([zoo.CLASSIFIER[name]] * 2)), name
