@@ -95,13 +95,8 @@ def test_skd_two_epochs_end_to_end_without_the_teacher(tmp_path, cifar_root, vec
     from neurosem.embed import load_embedding, similarity_probs
 
     emb = load_embedding(vectors_resnet14)
-<<<<<<< HEAD
     ck = torch.load(out["checkpoint_path"], weights_only=True)
-    torch.testing.assert_close(ck["criterion"]["target_0"],
-=======
-    ck = torch.load(out["checkpoint_path"], weights_only=False)
     torch.testing.assert_close(ck["criterion"]["loss.target_0"],
->>>>>>> distill
                                similarity_probs(torch.as_tensor(emb.vectors("layer1"))).float())
 
 
@@ -243,7 +238,6 @@ def test_cli_distill(tmp_path, cifar_root, capsys):
     assert out["final_acc"] == saved["final_acc"] and out["results_path"] == saved["results_path"]
 
 
-<<<<<<< HEAD
 # ---------------------------------------------------------------- checkpoints from elsewhere
 
 @pytest.fixture(scope="module")
@@ -366,7 +360,8 @@ def test_cli_damaged_checkpoint_exits_2(tmp_path, ce_run, cifar_root, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1
     assert err[0].startswith(f"error: checkpoint {run / 'checkpoint.pt'} is truncated or damaged (")
-=======
+
+
 # ---------------------------------------------------------------------------------------------
 # the new methods end to end, the resolved settings, the protocol defaults
 
@@ -388,7 +383,7 @@ def test_crd_end_to_end_with_dataset_indices_and_resolved_settings(tmp_path, cif
     h = out["history"]
     np.testing.assert_allclose(h["train_loss"], np.array(h["train_ce"]) + 0.5 * np.array(h["train_kd"])
                                + 0.8 * np.array(h["train_crd"]), rtol=1e-5)
-    ck = torch.load(out["checkpoint_path"], weights_only=False)
+    ck = torch.load(out["checkpoint_path"], weights_only=True)
     bank = ck["criterion"]["contrast.memory_s"]
     assert bank.shape == (24, 128)
     # every training image's entry was written once (unit norm), the normalisers were set
@@ -507,4 +502,3 @@ def test_cli_bad_input_is_one_line(tmp_path, cifar_root, capsys):
     with pytest.raises(SystemExit):
         main(base + ["--method", "ce", "--seeds", "0,x"])
     assert capsys.readouterr().err.strip() == "error: --seeds takes comma-separated integers such as 0,1,2, got '0,x'"
->>>>>>> distill
