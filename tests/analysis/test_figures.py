@@ -369,7 +369,7 @@ def test_semantic_map_uses_tsne_for_many_units(tmp_path):
 def test_make_figures_writes_every_figure(planted, caplog):
     run, *_ = planted
     paths = figmod.make_figures(run, formats=("pdf", "png", "svg"), dpi=40, n_images=3)
-    names = ["neighbours", "additive", "kl_curves", "semantic_map", "similarity_heatmap"]
+    names = ["neighbours", "additive", "dissect_summary", "kl_curves", "semantic_map", "similarity_heatmap"]
     assert sorted(p.name for p in paths) == sorted(f"{n}.{f}" for n in names for f in ("pdf", "png", "svg"))
     for p in paths:
         assert p.parent == run / "figures" and p.stat().st_size > 1000
@@ -500,7 +500,7 @@ def test_mask_figures_skipped_when_the_layer_was_not_recorded(tmp_path, caplog):
     write_activations(run, {"layer3": acts[:, :6]}, [f"img{i:02d}.png" for i in range(N_IMAGES)])
     with caplog.at_level(logging.WARNING, logger="neurosem"):
         paths = figmod.make_figures(run, formats="png", dpi=40)
-    assert sorted(p.stem for p in paths) == ["kl_curves", "semantic_map", "similarity_heatmap"]
+    assert sorted(p.stem for p in paths) == ["dissect_summary", "kl_curves", "semantic_map", "similarity_heatmap"]
     assert any("no activations of layer4" in r.getMessage() for r in caplog.records)
 
 
