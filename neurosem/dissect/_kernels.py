@@ -190,6 +190,65 @@ if HAVE_NUMBA:
                 mx = r
         return mx
 
+    def _row_maxima(x, base, h, w, table, rowmax):  # pragma: no cover - replaced by overload
+        raise NotImplementedError
+
+    @overload(_row_maxima, inline="always")
+    def _row_maxima_impl(x, base, h, w, table, rowmax):  # noqa: ANN001 - numba typing hook
+        """Each row's maximum (NaN ignored, as ``v > r`` does); for float16 bits on integer keys
+        (no table look-up per value: the order of the keys is the order of the values)."""
+        if x.dtype == numba.types.uint16:
+            def impl(x, base, h, w, table, rowmax):
+                mx = -np.inf
+                for i in range(h):
+                    best = -1
+                    for j in range(w):
+                        v = np.int64(x[base + i * w + j])
+                        if (v & 0x7FFF) > 0x7C00:
+                            continue                                  # NaN
+                        key = ((~v) & 0xFFFF) if v & 0x8000 else (v | 0x8000)
+                        if key > best:
+                            best = key
+                    if best < 0:
+                        r = -np.inf
+                    else:
+                        r = table[(best ^ 0x8000) if best >= 0x8000 else ((~best) & 0xFFFF)]
+                    rowmax[i] = r
+                    if r > mx:
+                        mx = r
+                return mx
+            return impl
+
+        def impl_float(x, base, h, w, table, rowmax):
+            mx = -np.inf
+            for i in range(h):
+                r = -np.inf
+                for j in range(w):
+                    v = np.float64(x[base + i * w + j])
+                    if v > r:
+                        r = v
+                rowmax[i] = r
+                if r > mx:
+                    mx = r
+            return mx
+        return impl_float
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _load_hot_rows(x, b, u, table, m, rowmax, t):  # pragma: no cover - compiled
+        """Map ``(b, u)``: the row maxima, and into ``m`` (float64) only the rows the activated
+        pixels can depend on (a row above ``t`` and its neighbours); returns the maximum."""
+        h, w = m.shape
+        base = (b * x.shape[1] + u) * h * w
+        flat = x.reshape(-1)
+        mx = _row_maxima(flat, base, h, w, table, rowmax)
+        if not mx > t:
+            return mx
+        for i in range(h):
+            if rowmax[i] > t or (i > 0 and rowmax[i - 1] > t) or (i + 1 < h and rowmax[i + 1] > t):
+                for j in range(w):
+                    m[i, j] = _value(flat, base + i * w + j, table)
+        return mx
+
     @njit(cache=True, nogil=True, parallel=True)
     def _tally(x, table, thr, seg, n_planes, img_labels, cat_of, n_cat, lo_y, lam_y, f_y, s_y,
                lam_x, f_x, s_x, sh, sw, same, both, act, unit_pixels, sizes, maxes):  # pragma: no cover
@@ -207,7 +266,7 @@ if HAVE_NUMBA:
             for b in range(b_n):
                 for u in range(ub * block, min(c_n, ub * block + block)):
                     t = thr[u]
-                    mx = _load_map(x, b, u, table, m, rowmax)
+                    mx = _load_hot_rows(x, b, u, table, m, rowmax, t)
                     maxes[b, u] = mx
                     if not mx > t:
                         sizes[b, u] = 0
