@@ -390,6 +390,11 @@ class BrodenDataset:
             seg[k] = plane
         return seg
 
+    def image_file(self, i: int) -> tuple[str, Path]:
+        """``(id, path)`` of item ``i``'s image file."""
+        it = self._items[i]
+        return it.image, self.root / "images" / it.image
+
     def label_files(self, i: int) -> list[tuple[str, Path]]:
         """``(category, path)`` of each label PNG of item ``i``, in :meth:`load_seg`'s plane order."""
         it = self._items[i]

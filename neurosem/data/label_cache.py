@@ -329,3 +329,52 @@ def open_label_cache(ds: Any, cache_dir: str | Path | None = None, workers: int 
         raise DataError(f"the label cache {path} could not be built or read back; delete it, or pass "
                         f"--label-cache none to read the label PNGs directly")
     return cache
+
+
+class ThumbnailCache:
+    """The report's image thumbnails (JPEG bytes), made once per Broden image and size.
+
+    Kept beside the label cache, ``<cache_dir>/thumbs/<fingerprint>-<px>/``, one file per image
+    named by its position, byte size and modification time (an edited image gets a new one).
+    Where the folder cannot be written, thumbnails are made on every call.
+
+    Example:
+        >>> thumbs = ThumbnailCache(ds, 112)                  # doctest: +SKIP
+        >>> jpeg = thumbs.get(0, make=lambda: b"...")          # doctest: +SKIP
+    """
+
+    def __init__(self, ds: Any, px: int, cache_dir: str | Path | None = None) -> None:
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.ds, self.px = ds, int(px)
+        self.path = root / "thumbs" / f"{ds.fingerprint()}-{self.px}"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.writable = os.access(self.path, os.W_OK)
+        except OSError:
+            self.writable = False
+
+    def _name(self, i: int) -> Path | None:
+        try:
+            _, path = self.ds.image_file(i)
+            st = os.stat(path)
+        except OSError:
+            return None
+        return self.path / f"{i}-{st.st_size}-{st.st_mtime_ns}.jpg"
+
+    def get(self, i: int, make: Any) -> bytes:
+        """The JPEG bytes of image ``i``'s thumbnail; ``make()`` builds them when not cached."""
+        name = self._name(i) if self.writable else None
+        if name is not None:
+            try:
+                return name.read_bytes()
+            except OSError:
+                pass
+        data = make()
+        if name is not None:
+            tmp = name.with_name(f".{name.name}.{os.getpid()}.tmp")
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, name)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+        return data

@@ -555,13 +555,19 @@ def overlay_data_uri(mask: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def jpeg_data_uri(arr: np.ndarray, quality: int = 88) -> str:
-    """``uint8 [H, W, 3]`` -> ``data:image/jpeg;base64,...`` (the report's thumbnails)."""
+def jpeg_bytes(arr: np.ndarray, quality: int = 88) -> bytes:
+    """``uint8 [H, W, 3]`` as JPEG."""
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def jpeg_data_uri(image: "np.ndarray | bytes", quality: int = 88) -> str:
+    """``uint8 [H, W, 3]`` (or JPEG bytes) -> ``data:image/jpeg;base64,...`` (the report's thumbnails)."""
+    data = image if isinstance(image, (bytes, bytearray)) else jpeg_bytes(image, quality)
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
 _CSS = """

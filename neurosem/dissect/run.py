@@ -341,7 +341,7 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
     dis = load_dissection(rd.dissection)
     t0 = time.perf_counter()
     warm.join()
-    outputs = _write_reports(rd, dis, ds, engine, dev, report, progress)
+    outputs = _write_reports(rd, dis, ds, engine, dev, report, progress, label_cache)
     timings["reports"] = time.perf_counter() - t0
     dis.timings = {k: round(v, 4) for k, v in timings.items()}
     dis.outputs = {"dissection": str(rd.dissection), **outputs}
@@ -391,7 +391,7 @@ def top_masks(dis: Any, layer: str, seg_size: tuple[int, int], engine: str = "cp
 
 
 def _write_reports(rd: Any, dis: Any, ds: Any, engine: str, device: Any, report: bool,
-                   progress: bool) -> dict[str, Any]:
+                   progress: bool, label_cache: Any = None) -> dict[str, Any]:
     """CSV per layer and summary.json; with ``report``, one HTML page per layer + index.html and
     the summary figure. The pages cost in proportion to the units and images shown."""
     from neurosem.dissect.report import (UnitTiles, layer_html_name, write_index_html, write_layer_csv,
@@ -406,7 +406,8 @@ def _write_reports(rd: Any, dis: Any, ds: Any, engine: str, device: Any, report:
         return outputs
     figure = write_summary_svg(out_dir / "summary.svg", dis)     # `neurosem figures` adds PDF/PNG
     thumb_px = int(min(112, ds.image_size[0], ds.image_size[1]))
-    thumbs: dict[int, np.ndarray] = {}
+    thumbs: dict[int, bytes] = {}
+    thumb_cache = _thumb_cache(ds, thumb_px, label_cache)
     pages = {}
     for name in dis.layers:
         top_i, _ = dis.top_images(name)
@@ -422,7 +423,7 @@ def _write_reports(rd: Any, dis: Any, ds: Any, engine: str, device: Any, report:
         needed = sorted({i for t in tiles for i in t.images})
         for i in needed:
             if i not in thumbs:
-                thumbs[i] = _thumbnail(ds, i, thumb_px)
+                thumbs[i] = thumb_cache.get(i, lambda: _thumbnail_jpeg(ds, i, thumb_px))
         page = layer_html_name(name)
         write_layer_html(out_dir / page, dis, name, {i: thumbs[i] for i in needed}, tiles,
                          ds.image_ids, thumb_px)
@@ -430,6 +431,26 @@ def _write_reports(rd: Any, dis: Any, ds: Any, engine: str, device: Any, report:
     index = write_index_html(out_dir / "index.html", dis, pages, figure)
     outputs.update({"html": str(index), "figures": [str(figure)]})
     return outputs
+
+
+def _thumb_cache(ds: Any, px: int, label_cache: Any) -> Any:
+    from neurosem.data.label_cache import ThumbnailCache
+
+    if str(label_cache) == "none":
+        return _NoThumbCache()
+    return ThumbnailCache(ds, px, None if label_cache is None else label_cache)
+
+
+class _NoThumbCache:
+    @staticmethod
+    def get(i: int, make: Any) -> bytes:
+        return make()
+
+
+def _thumbnail_jpeg(ds: Any, i: int, px: int) -> bytes:
+    from neurosem.dissect.report import jpeg_bytes
+
+    return jpeg_bytes(_thumbnail(ds, i, px))
 
 
 def _thumbnail(ds: Any, i: int, px: int) -> np.ndarray:

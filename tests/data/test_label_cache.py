@@ -155,3 +155,25 @@ def test_a_dissection_after_an_edit_uses_the_new_labels(broden, tmp_path):
         ref += np.bincount(ds.load_image_labels(i), minlength=ds.n_labels) * 16 * 16
     assert d2.label_gt.tolist() == ref[d2.label_numbers].tolist()
     assert gt1.sum() != d2.label_gt.sum()
+
+
+def test_thumbnails_are_made_once_and_again_after_an_edit(broden, tmp_path):
+    from neurosem.data.label_cache import ThumbnailCache
+
+    ds = BrodenDataset(broden)
+    calls = []
+
+    def make(tag):
+        def f():
+            calls.append(tag)
+            return tag
+        return f
+
+    cache = ThumbnailCache(ds, 16, tmp_path / "c")
+    assert cache.get(3, make(b"first")) == b"first"
+    assert ThumbnailCache(ds, 16, tmp_path / "c").get(3, make(b"second")) == b"first"   # from disk
+    _, path = ds.image_file(3)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))                    # an edit
+    assert cache.get(3, make(b"third")) == b"third"
+    assert calls == [b"first", b"third"]
