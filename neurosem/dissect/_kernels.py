@@ -201,7 +201,21 @@ if HAVE_NUMBA:
             def impl(x, base, h, w, table, rowmax):
                 mx = -np.inf
                 for i in range(h):
-                    best = -1
+                    # fast path: as int16 the bits of non-negative floats keep their order and lie
+                    # above every negative one; a plain integer maximum (vectorised) is the answer
+                    # when it is a non-negative number that is not NaN
+                    top = -32769
+                    for j in range(w):
+                        b16 = np.int64(np.int16(x[base + i * w + j]))
+                        if b16 > top:
+                            top = b16
+                    if 0 <= top <= 0x7C00:
+                        r = table[top]
+                        rowmax[i] = r
+                        if r > mx:
+                            mx = r
+                        continue
+                    best = -1                                  # NaN or only negatives: by keys
                     for j in range(w):
                         v = np.int64(x[base + i * w + j])
                         if (v & 0x7FFF) > 0x7C00:

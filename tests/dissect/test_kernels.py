@@ -137,3 +137,26 @@ def test_axis_tables_match_the_tally_geometry():
             f, c = int(ax.first[v]), int(ax.count[v])
             np.testing.assert_array_equal(lam[f:f + c], ax.lam[v, :c].numpy())
         assert (np.diff(lo) >= 0).all() and (stop - first).sum() == n_out
+
+
+def test_tally_with_negative_maps_and_rows():
+    """Signed maps (some rows entirely negative, some maps below every threshold) and ±inf."""
+    rng = np.random.default_rng(9)
+    b, c, h, w, sh, sw, planes, n_labels, k = 5, 4, 6, 6, 24, 24, 2, 9, 3
+    acts = (rng.standard_normal((b, c, h, w)) * 2 - 1).astype(np.float16)
+    acts[:, 1, :3] = -5.0                                     # negative rows
+    acts[2, 2] = -1.0                                         # a map entirely negative
+    acts[3, 0, 0, 0] = np.inf
+    acts[4, 3, 5, 5] = -np.inf
+    seg, il = _labels(rng, b, planes, sh, sw, n_labels)
+    primary = np.array([-1, 0, 0, 1, 1, 2, 2, 0, 1])
+    thr = np.array([-0.5, 0.3, 1.1, -2.0])
+    ref = Tally(torch.from_numpy(thr), primary, k)
+    ref.add(torch.from_numpy(acts), torch.from_numpy(seg), torch.from_numpy(il))
+    both, act, pix = np.zeros((c, n_labels), np.int64), np.zeros((c, k), np.int64), np.zeros(c, np.int64)
+    sizes, maxes = K.tally_batch(acts, thr, seg.reshape(b, planes, -1).astype(np.uint16), np.full(b, planes), il,
+                                 np.where(primary < 0, k, primary), k, K.Geometry(h, w, sh, sw), both, act, pix)
+    np.testing.assert_array_equal(both[:, 1:], ref.both.numpy()[:, 1:])
+    np.testing.assert_array_equal(act, ref.act.numpy())
+    np.testing.assert_array_equal(maxes, acts.astype(np.float64).reshape(b, c, -1).max(2))
+    np.testing.assert_array_equal(sizes, ref.last_sizes.view(b, c).numpy())
