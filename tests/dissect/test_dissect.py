@@ -399,3 +399,29 @@ def test_torch_and_cpu_engines_give_the_same_passes(planted, synthetic_broden, c
         np.testing.assert_array_equal(a[name].result.iou, b[name].result.iou)
         np.testing.assert_array_equal(a[name].top.images, b[name].top.images)
         np.testing.assert_array_equal(a[name].top.sizes, b[name].top.sizes)
+
+
+def test_a_float32_store_gives_the_same_passes_on_both_engines(synthetic_broden, tmp_path):
+    from neurosem.data.broden import BrodenDataset
+    from neurosem.dissect._kernels import HAVE_NUMBA
+    from neurosem.dissect.passes import LabelSource, run_passes
+    from neurosem.record import record
+    from neurosem.store import ActivationStore
+
+    if not HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    run = tmp_path / "f32"
+    record(planted_model(), str(synthetic_broden), run=run, dtype="float32", device="cpu", progress=False,
+           num_workers=0)
+    ds = BrodenDataset(synthetic_broden)
+    with ActivationStore.open(run / "activations.h5") as store:
+        assert store.dtype == "float32"
+        a = run_passes(store, ["fine", "coarse"], LabelSource(ds), QUANTILE, "cpu", "cpu", 16, 2, False)
+        b = run_passes(store, ["fine", "coarse"], LabelSource(ds), QUANTILE, "torch", torch.device("cpu"), 16, 2,
+                       False)
+    for name in ("fine", "coarse"):
+        np.testing.assert_array_equal(a[name].threshold, b[name].threshold)
+        np.testing.assert_array_equal(a[name].result.both, b[name].result.both)
+        np.testing.assert_array_equal(a[name].top.images, b[name].top.images)
+    dis = dissect(run=run, broden=synthetic_broden, quantile=QUANTILE, device="cpu", progress=False, report=False)
+    assert dis.best("fine")[1][0] >= 1 - 1e-6           # the planted red unit, from a float32 store
