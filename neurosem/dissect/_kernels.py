@@ -71,6 +71,16 @@ if HAVE_NUMBA:
         return lambda x, k, table: np.float64(x[k])
 
     @njit(cache=True, nogil=True, inline="always")
+    def _sort_key(v):  # pragma: no cover - compiled
+        """The float16 bit pattern ``v`` as a key whose integer order is the values' order."""
+        return ((~v) & 0xFFFF) if v & 0x8000 else (v | 0x8000)
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _key_bits(key):  # pragma: no cover - compiled
+        """The inverse of :func:`_sort_key`."""
+        return (key ^ 0x8000) if key >= 0x8000 else ((~key) & 0xFFFF)
+
+    @njit(cache=True, nogil=True, inline="always")
     def _raise_floor(coarse, u, f, need):  # pragma: no cover - compiled
         """The highest bucket (key high byte) with ``need`` counted values at or above it (>= f)."""
         seen = 0
@@ -106,7 +116,7 @@ if HAVE_NUMBA:
                         if (v & 0x7FFF) > 0x7C00:
                             nan[u] += 1
                             continue
-                        key = ((~v) & 0xFFFF) if v & 0x8000 else (v | 0x8000)
+                        key = _sort_key(v)
                         if (key >> 8) >= f:
                             hist[u, key] += 1
                             coarse[u, key >> 8] += 1
@@ -171,25 +181,6 @@ if HAVE_NUMBA:
                             n += 1
         return n
 
-    @njit(cache=True, nogil=True, inline="always")
-    def _load_map(x, b, u, table, m, rowmax):  # pragma: no cover - compiled
-        """Map ``(b, u)`` of ``x [B, C, h, w]`` into ``m`` (float64); returns its maximum."""
-        h, w = m.shape
-        base = (b * x.shape[1] + u) * h * w
-        flat = x.reshape(-1)
-        mx = -np.inf
-        for i in range(h):
-            r = -np.inf
-            for j in range(w):
-                v = _value(flat, base + i * w + j, table)
-                m[i, j] = v
-                if v > r:
-                    r = v
-            rowmax[i] = r
-            if r > mx:
-                mx = r
-        return mx
-
     def _row_maxima(x, base, h, w, table, rowmax):  # pragma: no cover - replaced by overload
         raise NotImplementedError
 
@@ -220,13 +211,13 @@ if HAVE_NUMBA:
                         v = np.int64(x[base + i * w + j])
                         if (v & 0x7FFF) > 0x7C00:
                             continue                                  # NaN
-                        key = ((~v) & 0xFFFF) if v & 0x8000 else (v | 0x8000)
+                        key = _sort_key(v)
                         if key > best:
                             best = key
                     if best < 0:
                         r = -np.inf
                     else:
-                        r = table[(best ^ 0x8000) if best >= 0x8000 else ((~best) & 0xFFFF)]
+                        r = table[_key_bits(best)]
                     rowmax[i] = r
                     if r > mx:
                         mx = r
@@ -317,7 +308,7 @@ if HAVE_NUMBA:
             t = thr[units[k]]
             flat = out[k].reshape(-1)
             flat[:] = False
-            mx = _load_map(x, k, 0, table, m, rowmax)
+            mx = _load_hot_rows(x, k, 0, table, m, rowmax, t)
             if not mx > t:
                 continue
             n = _active(m, t, rowmax, lo_y, lam_y, f_y, s_y, lam_x, f_x, s_x, sw, same, pix)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from neurosem.errors import DataError, NeurosemError
+from neurosem.errors import NeurosemError
 
 
 @dataclass
@@ -64,22 +64,15 @@ class LabelSource:
 
 def label_counts(seg: np.ndarray, image_labels: np.ndarray, primary: np.ndarray) -> np.ndarray:
     """``gt`` of a batch, ``[n_labels]``: label entries over all planes plus ``sh·sw`` per
-    image-level label (label 0 counted too, left out later). A label without a category is a
-    :class:`DataError`, as in :meth:`Tally.labels`."""
+    image-level label (label 0 counted too, left out later); checked as :meth:`Tally.labels` checks
+    them (:func:`~neurosem.dissect.tally.check_label_counts`)."""
+    from neurosem.dissect.tally import check_label_counts
+
     n_labels = primary.shape[0]
     counts = np.bincount(seg.reshape(-1), minlength=n_labels)
     if image_labels.size:
         counts = counts + np.bincount(image_labels.reshape(-1), minlength=n_labels) * seg.shape[-1]
-    if counts.shape[0] > n_labels:
-        raise DataError(f"label number {counts.shape[0] - 1} appears in the label maps but label.csv "
-                        f"defines numbers up to {n_labels - 1}: add it to label.csv or fix the label PNGs")
-    undefined = (counts > 0) & (primary < 0)
-    undefined[0] = False
-    if undefined.any():
-        raise DataError(
-            f"label number {int(np.flatnonzero(undefined)[0])} appears in the label maps but has no "
-            "category (label.csv or the selected c_<category>.csv files do not list it): list it there "
-            "or fix the label PNGs")
+    check_label_counts(counts, primary)
     return counts.astype(np.int64)
 
 

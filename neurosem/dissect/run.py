@@ -15,7 +15,6 @@ categories, Broden metadata, activations and ``top``; otherwise everything is re
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -102,17 +101,11 @@ def _describe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(diffs)
 
 
-class _Warmup:
-    """Load the compiled kernels in a background thread while the data is opened."""
+def _load_kernels_in_background() -> Any:
+    """A started thread loading the compiled kernels (numba's cache) while the data is opened."""
+    import threading
 
-    def __init__(self) -> None:
-        import threading
-
-        self._k = threading.Thread(target=self._load_kernels, daemon=True)
-        self._k.start()
-
-    @staticmethod
-    def _load_kernels() -> None:
+    def load() -> None:
         try:
             from neurosem.dissect._kernels import warm_up
 
@@ -120,18 +113,9 @@ class _Warmup:
         except Exception:  # noqa: BLE001 - the real call reports any problem
             pass
 
-    def kernels(self) -> None:
-        self._k.join()
-
-    def join(self) -> None:
-        self._k.join()
-
-
-def _maybe_accelerator() -> bool:
-    """Whether this machine may have a torch accelerator (without importing torch): an NVIDIA or
-    AMD driver, or a Mac (MPS)."""
-    return (sys.platform == "darwin" or os.path.exists("/proc/driver/nvidia")
-            or os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd"))
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    return thread
 
 
 def choose_engine(device: str) -> tuple[str, Any]:
@@ -144,9 +128,10 @@ def choose_engine(device: str) -> tuple[str, Any]:
         >>> choose_engine("cpu")          # doctest: +SKIP
         ('cpu', 'cpu')
     """
+    from neurosem._device import gpu_driver_visible
     from neurosem.dissect._kernels import HAVE_NUMBA
 
-    if str(device) == "cpu" or (str(device) == "auto" and not _maybe_accelerator()):
+    if str(device) == "cpu" or (str(device) == "auto" and not gpu_driver_visible()):
         if HAVE_NUMBA:
             return "cpu", "cpu"
     from neurosem._device import resolve_device
@@ -245,7 +230,7 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
     layers = list(layers) if layers else None
     # the compiled kernels and matplotlib load in the background while the data is opened and
     # while the kernels run (they release the GIL)
-    warm = _Warmup()
+    warm = _load_kernels_in_background()
     ds = _open_broden(broden, categories)
     engine, dev = choose_engine(device)
     n_threads = _set_threads(threads, engine)
@@ -305,7 +290,7 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
             t0 = time.perf_counter()
             source = _labels(ds, label_cache, progress)
             timings["labels"] = time.perf_counter() - t0
-            warm.kernels()
+            warm.join()
             passes = run_passes(store, todo, source, quantile, engine, dev, batch_size, top, progress,
                                 timings=timings)
             k_cat = len(ds.categories)
@@ -340,7 +325,7 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
 
     dis = load_dissection(rd.dissection)
     t0 = time.perf_counter()
-    warm.join()
+    warm.join()                     # the report's masks use the kernels too (also when nothing was computed)
     outputs = _write_reports(rd, dis, ds, engine, dev, report, progress, label_cache)
     timings["reports"] = time.perf_counter() - t0
     dis.timings = {k: round(v, 4) for k, v in timings.items()}

@@ -444,6 +444,27 @@ def best_labels(iou: np.ndarray, label_category: np.ndarray, n_categories: int
     return best, best_iou, cat_best, cat_iou
 
 
+def check_label_counts(counts: np.ndarray, primary: np.ndarray) -> None:
+    """Refuse label counts ``[>= n_labels]`` (a bincount) that hold a number past label.csv's or
+    a label without a category (label 0, "no label", is never refused): one :class:`DataError`.
+
+    Example:
+        >>> check_label_counts(np.array([5, 2]), np.array([-1, 0]))          # fine
+    """
+    n_labels = primary.shape[0]
+    if counts.shape[0] > n_labels:
+        raise DataError(
+            f"label number {counts.shape[0] - 1} appears in the label maps but label.csv defines numbers up "
+            f"to {n_labels - 1}: add it to label.csv or fix the label PNGs")
+    undefined = (counts > 0) & (primary[:counts.shape[0]] < 0)
+    undefined[0] = False
+    if undefined.any():
+        raise DataError(
+            f"label number {int(np.flatnonzero(undefined)[0])} appears in the label maps but has no category "
+            "(label.csv or the selected c_<category>.csv files do not list it): list it there or fix the "
+            "label PNGs")
+
+
 def tally_result(gt: np.ndarray, both: np.ndarray, act: np.ndarray, unit_pixels: np.ndarray,
                  primary: np.ndarray, n_images: int) -> TallyResult:
     """IoU from the tallies, over the labels that occur (``gt > 0``, label 0 left out).
@@ -627,19 +648,7 @@ class Tally:
         except RuntimeError:
             raise DataError(f"a label map holds the negative label number {int(labels.min())}: "
                             "the label PNGs are malformed") from None
-        if counts.shape[0] > self.n_labels:
-            hi = int(counts.shape[0] - 1)
-            raise DataError(
-                f"label number {hi} appears in the label maps but label.csv defines numbers up to "
-                f"{self.n_labels - 1}: add it to label.csv or fix the label PNGs")
-        undefined = (counts > 0) & (self._primary_dev < 0)
-        undefined[0] = False
-        if bool(undefined.any()):
-            number = int(undefined.nonzero()[0])
-            raise DataError(
-                f"label number {number} appears in the label maps but has no category (label.csv "
-                "or the selected c_<category>.csv files do not list it): list it there or fix the "
-                "label PNGs")
+        check_label_counts(counts.cpu().numpy(), self.primary.numpy())
         return counts
 
     def _add(self, acts: Any, batch: "LabelBatch") -> None:
