@@ -434,3 +434,17 @@ def test_every_method_builds_for_crds_cross_architecture_pairs(teacher, student)
         with d.hooked():
             loss = d.init_step(x, y, index) if d.criterion.init_stage else d.step(x, y, index)[0]
         assert torch.isfinite(loss), (method, teacher, student)
+
+
+def test_methods_pairing_stages_refuse_different_stage_counts_in_one_line():
+    from types import SimpleNamespace
+
+    from neurosem.distill.methods.base import stage_shapes
+
+    ctx = SimpleNamespace(student="resnet8", teacher="vgg13", shapes=lambda: ([(1, 16, 8, 8)] * 3, [(1, 64, 8, 8)] * 4))
+    with pytest.raises(M.MethodShapeError) as err:
+        stage_shapes("vid", ctx)
+    assert str(err.value) == ("vid cannot align the stage features: student [3], teacher [4] "
+                              "(student resnet8 has 3 stages, teacher vgg13 4)")
+    ok = SimpleNamespace(student="a", teacher="b", shapes=lambda: ([(1, 2, 3, 3)], [(1, 4, 3, 3)]))
+    assert stage_shapes("nst", ok) == ([(1, 2, 3, 3)], [(1, 4, 3, 3)])

@@ -108,6 +108,16 @@ def shape_error(method: str, stage: str, s_shape: Sequence[int], t_shape: Sequen
                             f"teacher {list(t_shape)} ({why})")
 
 
+def stage_shapes(method: str, ctx: "BuildContext") -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """``ctx.shapes()`` for a method that pairs the stages one to one; different stage counts are
+    one :func:`shape_error`."""
+    ss, ts = ctx.shapes()
+    if len(ss) != len(ts):
+        raise shape_error(method, "stage", [len(ss)], [len(ts)],
+                          f"student {ctx.student} has {len(ss)} stages, teacher {ctx.teacher} {len(ts)}")
+    return ss, ts
+
+
 class Method(nn.Module):
     """Base class of every method (see the module docstring)."""
 

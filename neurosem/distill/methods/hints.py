@@ -17,7 +17,7 @@ from neurosem.distill import losses as L
 from neurosem.distill import zoo
 from neurosem.distill.methods import register
 from neurosem.distill.methods.base import (Batch, BuildContext, LossWeights, Method, MethodOptions, Taps,
-                                           feature_modules, shape_error)
+                                           feature_modules, shape_error, stage_shapes)
 
 
 def pool_to_smaller(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,9 +112,7 @@ class VID(Method):
 
     def __init__(self, ctx: BuildContext) -> None:
         super().__init__(ctx)
-        ss, ts = ctx.shapes()
-        if len(ss) != len(ts):
-            raise shape_error(self.name, "stage", [len(ss)], [len(ts)], "the models have different numbers of stages")
+        ss, ts = stage_shapes(self.name, ctx)
         self.layers = nn.ModuleList([VIDLoss(s[1], t[1], t[1]) for s, t in zip(ss, ts)])
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -157,9 +155,7 @@ class AB(Method):
 
     def __init__(self, ctx: BuildContext, margin: float = 1.0) -> None:
         super().__init__(ctx)
-        ss, ts = ctx.shapes()
-        if len(ss) != len(ts):
-            raise shape_error(self.name, "stage", [len(ss)], [len(ts)], "the models have different numbers of stages")
+        ss, ts = stage_shapes(self.name, ctx)
         conns: list[nn.Module] = []
         for i, (s, t) in enumerate(zip(ss, ts)):
             if s[1] == t[1] and s[2] == t[2]:

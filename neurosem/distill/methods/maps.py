@@ -13,15 +13,8 @@ from neurosem.distill import losses as L
 from neurosem.distill import zoo
 from neurosem.distill.methods import register
 from neurosem.distill.methods.base import (Batch, BuildContext, LossWeights, Method, MethodOptions, Taps,
-                                           feature_modules, shape_error)
+                                           feature_modules, shape_error, stage_shapes)
 from neurosem.distill.methods.hints import pool_to_smaller
-
-
-def _same_depth(method: str, ctx: BuildContext) -> None:
-    ss, ts = ctx.shapes()
-    if len(ss) != len(ts):
-        raise shape_error(method, "stage", [len(ss)], [len(ts)],
-                          f"student {ctx.student} has {len(ss)} stages, teacher {ctx.teacher} {len(ts)}")
 
 
 @register
@@ -38,7 +31,7 @@ class AT(Method):
 
     def __init__(self, ctx: BuildContext) -> None:
         super().__init__(ctx)
-        _same_depth(self.name, ctx)
+        stage_shapes(self.name, ctx)
         self.loss = L.ATLoss()
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -96,7 +89,7 @@ class NST(Method):
 
     def __init__(self, ctx: BuildContext) -> None:
         super().__init__(ctx)
-        _same_depth(self.name, ctx)
+        stage_shapes(self.name, ctx)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return sum(nst_loss(f_s, f_t) for f_s, f_t in zip(batch.fs, batch.ft))
@@ -135,7 +128,7 @@ class FSP(Method):
 
     def __init__(self, ctx: BuildContext) -> None:
         super().__init__(ctx)
-        _same_depth(self.name, ctx)
+        stage_shapes(self.name, ctx)
         ss, ts = ctx.shapes()
         for s_name, t_name, s, t in zip(ctx.s_taps.maps, ctx.t_taps.maps, ss, ts):
             if s[1] != t[1]:
