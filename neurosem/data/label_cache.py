@@ -336,7 +336,8 @@ class ThumbnailCache:
 
     Kept beside the label cache, ``<cache_dir>/thumbs/<fingerprint>-<px>/``, one file per image
     named by its position, byte size and modification time (an edited image gets a new one).
-    Where the folder cannot be written, thumbnails are made on every call.
+    Where the folder cannot be written, or with ``cache_dir="none"`` (as ``--label-cache none``),
+    thumbnails are made on every call.
 
     Example:
         >>> thumbs = ThumbnailCache(ds, 112)                  # doctest: +SKIP
@@ -344,8 +345,11 @@ class ThumbnailCache:
     """
 
     def __init__(self, ds: Any, px: int, cache_dir: str | Path | None = None) -> None:
-        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.ds, self.px = ds, int(px)
+        self.writable = False
+        if str(cache_dir) == "none":
+            return
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.path = root / "thumbs" / f"{ds.fingerprint()}-{self.px}"
         try:
             self.path.mkdir(parents=True, exist_ok=True)

@@ -392,7 +392,9 @@ def _write_reports(rd: Any, dis: Any, ds: Any, engine: str, device: Any, report:
     figure = write_summary_svg(out_dir / "summary.svg", dis)     # `neurosem figures` adds PDF/PNG
     thumb_px = int(min(112, ds.image_size[0], ds.image_size[1]))
     thumbs: dict[int, bytes] = {}
-    thumb_cache = _thumb_cache(ds, thumb_px, label_cache)
+    from neurosem.data.label_cache import ThumbnailCache
+
+    thumb_cache = ThumbnailCache(ds, thumb_px, label_cache)
     pages = {}
     for name in dis.layers:
         top_i, _ = dis.top_images(name)
@@ -416,20 +418,6 @@ def _write_reports(rd: Any, dis: Any, ds: Any, engine: str, device: Any, report:
     index = write_index_html(out_dir / "index.html", dis, pages, figure)
     outputs.update({"html": str(index), "figures": [str(figure)]})
     return outputs
-
-
-def _thumb_cache(ds: Any, px: int, label_cache: Any) -> Any:
-    from neurosem.data.label_cache import ThumbnailCache
-
-    if str(label_cache) == "none":
-        return _NoThumbCache()
-    return ThumbnailCache(ds, px, None if label_cache is None else label_cache)
-
-
-class _NoThumbCache:
-    @staticmethod
-    def get(i: int, make: Any) -> bytes:
-        return make()
 
 
 def _thumbnail_jpeg(ds: Any, i: int, px: int) -> bytes:

@@ -177,3 +177,12 @@ def test_thumbnails_are_made_once_and_again_after_an_edit(broden, tmp_path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))                    # an edit
     assert cache.get(3, make(b"third")) == b"third"
     assert calls == [b"first", b"third"]
+
+
+def test_no_thumbnail_cache_with_label_cache_none(broden, tmp_path, monkeypatch):
+    from neurosem.data.label_cache import ThumbnailCache
+
+    monkeypatch.setenv("NEUROSEM_CACHE_DIR", str(tmp_path / "env"))
+    cache = ThumbnailCache(BrodenDataset(broden), 16, "none")
+    assert cache.get(0, lambda: b"a") == b"a" and cache.get(0, lambda: b"b") == b"b"   # made every time
+    assert not (tmp_path / "env").exists()
