@@ -361,7 +361,7 @@ def write_summary(path: Path, dis: Dissection) -> Path:
 # The HTML pages and the summary figure live in report_html (one concern per module); their names
 # stay importable from here.
 from neurosem.dissect.report_html import (UnitTiles, jpeg_bytes, jpeg_data_uri, layer_html_name,  # noqa: E402,F401
-                                          mask_overlay, overlay_data_uri, palette_png, png_data_uri,
+                                          mask_overlay, overlay_data_uri, palette_png,
                                           summary_figure, summary_svg, write_index_html, write_layer_html,
                                           write_summary_figure, write_summary_svg)
 from neurosem.dissect.report_html import _OVERLAY_ALPHA, _OVERLAY_PALETTE  # noqa: E402,F401

@@ -138,18 +138,6 @@ def write_summary_svg(path: Path, dis: Dissection) -> Path:
 
 
 # ------------------------------------------------------------------------------------ HTML
-def png_data_uri(arr: np.ndarray, palette_colors: int | None = None) -> str:
-    """``uint8 [H, W, 3|4]`` -> ``data:image/png;base64,...`` (RGB optionally quantised)."""
-    from PIL import Image
-
-    img = Image.fromarray(arr)
-    if palette_colors and img.mode == "RGB":
-        img = img.quantize(colors=palette_colors)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 #: mask overlay palette: 0 = clear (inside the mask), 1 = dark veil (outside), 2 = edge (yellow)
 _OVERLAY_PALETTE = [0, 0, 0, 0, 0, 0, 255, 214, 0]
 _OVERLAY_ALPHA = bytes([0, 170, 255])
