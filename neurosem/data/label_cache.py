@@ -175,6 +175,32 @@ class LabelCache:
             seg[own, slot] = rows
         return seg, n_planes
 
+    def pixel_counts(self, start: int, stop: int, categories: Sequence[str], n_labels: int) -> np.ndarray:
+        """``[n_labels]`` int64: how many pixels of the planes of images ``start..stop`` in
+        ``categories`` carry each label number (label 0 too), summed over the runs without decoding
+        them: the same as a ``bincount`` of the planes :meth:`batch` returns, less its zero padding.
+
+        Example:
+            >>> cache.pixel_counts(0, 64, ds.pixel_categories, len(ds.label_names))  # doctest: +SKIP
+        """
+        want = np.zeros(len(self.categories) + 1, dtype=bool)
+        for c in categories:
+            if c in self.categories:
+                want[self.categories.index(c)] = True
+        p0, p1 = int(self.image_planes[start]), int(self.image_planes[stop])
+        planes = np.flatnonzero(want[self.plane_category[p0:p1]]) + p0
+        if not planes.size:
+            return np.zeros(n_labels, dtype=np.int64)
+        r0, r1 = self.plane_runs[planes], self.plane_runs[planes + 1]
+        if r1[-1] - r0[0] == int((r1 - r0).sum()):              # one contiguous range of runs
+            vals, lens = self.values[r0[0]:r1[-1]], self.lengths[r0[0]:r1[-1]]
+        else:
+            idx = np.concatenate([np.arange(a, b) for a, b in zip(r0, r1)])
+            vals, lens = self.values[idx], self.lengths[idx]
+        # float64 weights count exactly up to 2**53 pixels
+        counts = np.bincount(vals, weights=lens, minlength=n_labels)
+        return counts.astype(np.int64)
+
 
 def _cache_key_dir(ds: Any, cache_dir: Path) -> Path:
     sh, sw = ds.seg_size

@@ -81,33 +81,43 @@ if HAVE_NUMBA:
         return (key ^ 0x8000) if key >= 0x8000 else ((~key) & 0xFFFF)
 
     @njit(cache=True, nogil=True, inline="always")
-    def _raise_floor(coarse, u, f, need):  # pragma: no cover - compiled
-        """The highest bucket (key high byte) with ``need`` counted values at or above it (>= f)."""
+    def _raise_floor(hist, coarse, u, f, need):  # pragma: no cover - compiled
+        """The highest key ``>= f`` with at least ``need`` counted values at or above it: the bucket
+        (key high byte) from the coarse counts, then the key within it from the fine ones."""
         seen = 0
         k = 255
-        while k > f:
+        while k >= (f >> 8):
+            if seen + coarse[u, k] >= need:
+                break
             seen += coarse[u, k]
-            if seen >= need:
-                return k
             k -= 1
+        if k < (f >> 8):
+            return f
+        key = k * 256 + 255
+        while key > f:
+            seen += hist[u, key]
+            if seen >= need:
+                return key
+            key -= 1
         return f
 
     @njit(cache=True, nogil=True, parallel=True)
-    def _histogram(bits, hist, coarse, floor, nan, need):  # pragma: no cover - compiled
+    def _histogram(bits, hist, coarse, floor, pending, nan, need):  # pragma: no cover - compiled
         """Count the float16 values of ``bits [B, C, S]`` per unit by sortable key (``hist [C, 65536]``,
-        and by the key's high byte in ``coarse [C, 256]``), skipping the values whose high byte is
-        below ``floor[u]``: at least ``need`` values were already counted above them, so they can
-        never be among the ``need`` largest (floors only rise, so every counted bucket is complete).
-        The floor is raised after every image that added counts; while it lies among the positive values, a value
-        below it is rejected by one comparison of its bits."""
+        and by the key's high byte in ``coarse [C, 256]``), skipping the values whose key is below
+        ``floor[u]``: at least ``need`` values were already counted at or above it, so they can never
+        be among the ``need`` largest (floors only rise, so every count at or above the floor is
+        complete). The floor is raised once 256 more values were counted (amortised, one scan of
+        at most 256 fine counts); while it lies among the positive values, a value below it is
+        rejected by one comparison of its bits."""
         b_n, c_n, s_n = bits.shape
         block = 16                    # units per task; images outer within a block (contiguous reads)
         for ub in prange((c_n + block - 1) // block):
             for b in range(b_n):
                 for u in range(ub * block, min(c_n, ub * block + block)):
                     f = floor[u]
-                    # positive float16 bits below `low` have a key high byte below f (and are no NaN)
-                    low = (f - 0x80) << 8 if f >= 0x80 else 0
+                    # positive float16 bits below `low` have a key below f (and are no NaN)
+                    low = f - 0x8000 if f >= 0x8000 else 0
                     counted = 0
                     for s in range(s_n):
                         v = np.int64(bits[b, u, s])
@@ -117,166 +127,210 @@ if HAVE_NUMBA:
                             nan[u] += 1
                             continue
                         key = _sort_key(v)
-                        if (key >> 8) >= f:
+                        if key >= f:
                             hist[u, key] += 1
                             coarse[u, key >> 8] += 1
                             counted += 1
                     if counted:
-                        floor[u] = _raise_floor(coarse, u, f, need)
+                        pending[u] += counted
+                        if pending[u] >= 256 or f == 0:
+                            floor[u] = _raise_floor(hist, coarse, u, f, need)
+                            pending[u] = 0
+
+    @njit(cache=True, nogil=True, parallel=True)
+    def _prime_floors(bits, floor, need):  # pragma: no cover - compiled
+        """For the units whose floor is still 0: the lowest key of the highest bucket (key high
+        byte) holding, with the buckets above it, at least ``need`` of this batch's values
+        (``bits [B, C, S]``). Those values are counted by the histogram that follows, so every value
+        below the floor may be skipped from the start; the fine counts then touch only the few
+        buckets near the top (each first-touched page of the ``[C, 65536]`` counts costs a page
+        fault, several microseconds on a virtual machine)."""
+        b_n, c_n, s_n = bits.shape
+        for u in prange(c_n):
+            if floor[u] != 0:
+                continue
+            local = np.zeros(256, dtype=np.int64)
+            for b in range(b_n):
+                for s in range(s_n):
+                    v = np.int64(bits[b, u, s])
+                    if (v & 0x7FFF) > 0x7C00:
+                        continue                                  # NaN: never counted
+                    local[_sort_key(v) >> 8] += 1
+            seen = 0
+            k = 255
+            while k > 0:
+                seen += local[k]
+                if seen >= need:
+                    break
+                k -= 1
+            floor[u] = k * 256
 
     @njit(cache=True, nogil=True)
-    def _ranked(hist, rank):  # pragma: no cover - compiled
-        """Per unit, the key of the ``rank[u]``-th largest value (0 = the largest)."""
+    def _ranked(hist, coarse, rank):  # pragma: no cover - compiled
+        """Per unit, the key of the ``rank[u]``-th largest value (0 = the largest): the bucket from
+        the coarse counts (complete at and above the floor, where the answer lies), then the key
+        within it, so only one 256-entry row of the fine counts is read."""
         c_n = hist.shape[0]
         out = np.empty(c_n, dtype=np.int64)
         for u in range(c_n):
             seen = 0
-            k = hist.shape[1] - 1
-            while k > 0:
-                seen += hist[u, k]
+            k = 255
+            while k > 0 and seen + coarse[u, k] <= rank[u]:
+                seen += coarse[u, k]
+                k -= 1
+            key = k * 256 + 255
+            while key > k * 256:
+                seen += hist[u, key]
                 if seen > rank[u]:
                     break
-                k -= 1
-            out[u] = k
+                key -= 1
+            out[u] = key
         return out
 
-    @njit(cache=True, nogil=True, inline="always")
-    def _active(m, t, rowmax, lo_y, lam_y, f_y, s_y, lam_x, f_x, s_x, sw, same, pix):  # pragma: no cover
-        """The activated pixels (flat indices into ``[sh, sw]``) of one map ``m [h, w]`` (float64)."""
-        h, w = m.shape
-        n = 0
-        if same:
-            for i in range(h):
-                if rowmax[i] > t:
-                    for j in range(w):
-                        if m[i, j] > t:
-                            pix[n] = i * sw + j
-                            n += 1
-            return n
-        for i in range(h):
-            i1 = min(i + 1, h - 1)
-            if not (rowmax[i] > t or rowmax[i1] > t) or f_y[i] == s_y[i]:
-                continue
-            for j in range(w):
-                if f_x[j] == s_x[j]:
-                    continue
-                j1 = min(j + 1, w - 1)
-                a = m[i, j]
-                b = m[i, j1]
-                c = m[i1, j]
-                d = m[i1, j1]
-                if not (a > t or b > t or c > t or d > t):
-                    continue
-                ba = b - a
-                ca = c - a
-                dc = d - c
-                for oy in range(f_y[i], s_y[i]):
-                    ly = lam_y[oy]
-                    aa = a + ly * ca
-                    bb = ba + ly * (dc - ba)
-                    row = oy * sw
-                    for ox in range(f_x[j], s_x[j]):
-                        if aa + lam_x[ox] * bb > t:
-                            pix[n] = row + ox
-                            n += 1
-        return n
-
-    def _row_maxima(x, base, h, w, table, rowmax):  # pragma: no cover - replaced by overload
+    def _scan_map(x, x16, base, n, table, t, tb, hot):  # pragma: no cover - replaced by overload
         raise NotImplementedError
 
-    @overload(_row_maxima, inline="always")
-    def _row_maxima_impl(x, base, h, w, table, rowmax):  # noqa: ANN001 - numba typing hook
-        """Each row's maximum (NaN ignored, as ``v > r`` does); for float16 bits on integer keys
-        (no table look-up per value: the order of the keys is the order of the values)."""
+    @overload(_scan_map, inline="always")
+    def _scan_map_impl(x, x16, base, n, table, t, tb, hot):  # noqa: ANN001 - numba typing hook
+        """``(maximum, count)`` of the map ``x[base:base + n]``: its maximum (NaN ignored, as
+        ``v > r`` does; ``-inf`` when all are NaN) and, into ``hot``, the positions of its values
+        above ``t``. For float16 bits (``x16``: the same bits as int16) with ``tb >= 0`` (the
+        largest bit pattern of a value <= t when ``t >= 0``) both are integer tests: the int16
+        maximum (one vectorised loop), and only when it exceeds ``tb`` a scan for the values above
+        it (negative values and -NaN are negative int16; +NaN lies above 0x7C00 and is excluded)."""
         if x.dtype == numba.types.uint16:
-            def impl(x, base, h, w, table, rowmax):
-                mx = -np.inf
-                for i in range(h):
-                    # fast path: as int16 the bits of non-negative floats keep their order and lie
-                    # above every negative one; a plain integer maximum (vectorised) is the answer
-                    # when it is a non-negative number that is not NaN
-                    top = -32769
-                    for j in range(w):
-                        b16 = np.int64(np.int16(x[base + i * w + j]))
-                        if b16 > top:
-                            top = b16
+            def impl(x, x16, base, n, table, t, tb, hot):
+                nh = 0
+                if tb >= 0:
+                    top = np.int16(-32768)
+                    for k in range(base, base + n):
+                        v = x16[k]
+                        top = v if v > top else top
+                    t16 = np.int16(tb)
+                    if top > t16:
+                        for k in range(n):
+                            v = x16[base + k]
+                            if v > t16:
+                                if v <= 0x7C00:
+                                    hot[nh] = k
+                                    nh += 1
                     if 0 <= top <= 0x7C00:
-                        r = table[top]
-                        rowmax[i] = r
-                        if r > mx:
-                            mx = r
+                        return table[np.int64(top)], nh
+                else:
+                    for k in range(n):
+                        if table[x[base + k]] > t:
+                            hot[nh] = k
+                            nh += 1
+                best = -1                              # NaN or only negatives: by sortable keys
+                for k in range(n):
+                    v = np.int64(x[base + k])
+                    if (v & 0x7FFF) > 0x7C00:
                         continue
-                    best = -1                                  # NaN or only negatives: by keys
-                    for j in range(w):
-                        v = np.int64(x[base + i * w + j])
-                        if (v & 0x7FFF) > 0x7C00:
-                            continue                                  # NaN
-                        key = _sort_key(v)
-                        if key > best:
-                            best = key
-                    if best < 0:
-                        r = -np.inf
-                    else:
-                        r = table[_key_bits(best)]
-                    rowmax[i] = r
-                    if r > mx:
-                        mx = r
-                return mx
+                    key = _sort_key(v)
+                    if key > best:
+                        best = key
+                if best < 0:
+                    return -np.inf, nh
+                return table[_key_bits(best)], nh
             return impl
 
-        def impl_float(x, base, h, w, table, rowmax):
+        def impl_float(x, x16, base, n, table, t, tb, hot):
             mx = -np.inf
-            for i in range(h):
-                r = -np.inf
-                for j in range(w):
-                    v = np.float64(x[base + i * w + j])
-                    if v > r:
-                        r = v
-                rowmax[i] = r
-                if r > mx:
-                    mx = r
-            return mx
+            nh = 0
+            for k in range(n):
+                v = np.float64(x[base + k])
+                if v > mx:
+                    mx = v
+                if v > t:
+                    hot[nh] = k
+                    nh += 1
+            return mx, nh
         return impl_float
 
+    def _int16_view(x):  # pragma: no cover - replaced by overload
+        raise NotImplementedError
+
+    @overload(_int16_view, inline="always")
+    def _int16_view_impl(x):  # noqa: ANN001 - numba typing hook
+        """float16 bits as int16 (for integer order tests); other inputs as they are."""
+        if x.dtype == numba.types.uint16:
+            return lambda x: x.view(np.int16)
+        return lambda x: x
+
     @njit(cache=True, nogil=True, inline="always")
-    def _load_hot_rows(x, b, u, table, m, rowmax, t):  # pragma: no cover - compiled
-        """Map ``(b, u)``: the row maxima, and into ``m`` (float64) only the rows the activated
-        pixels can depend on (a row above ``t`` and its neighbours); returns the maximum."""
-        h, w = m.shape
-        base = (b * x.shape[1] + u) * h * w
-        flat = x.reshape(-1)
-        mx = _row_maxima(flat, base, h, w, table, rowmax)
-        if not mx > t:
-            return mx
-        for i in range(h):
-            if rowmax[i] > t or (i > 0 and rowmax[i - 1] > t) or (i + 1 < h and rowmax[i + 1] > t):
-                for j in range(w):
-                    m[i, j] = _value(flat, base + i * w + j, table)
-        return mx
+    def _active(flat, base, h, w, table, t, hot, nh, stamp, mark, lam_y, f_y, s_y, lam_x, f_x, s_x, sw,
+                same, pix):  # pragma: no cover - compiled
+        """The activated pixels (flat indices into ``[sh, sw]``) of one map whose values above ``t``
+        lie at ``hot[:nh]`` (positions in the ``[h, w]`` map at ``flat[base:]``). Only the cells
+        (between two source rows and two source columns) with such a corner can hold one; each is
+        visited once (``mark`` holds the ``stamp`` of the last map that visited it) and its pixels
+        computed exactly as :func:`neurosem.dissect.tally.bilinear_value` computes them, in float64."""
+        n = 0
+        if same:
+            for q in range(nh):
+                k = hot[q]
+                pix[n] = (k // w) * sw + (k % w)
+                n += 1
+            return n
+        for q in range(nh):
+            r = hot[q] // w
+            c = hot[q] % w
+            for i in range(max(r - 1, 0), r + 1):
+                if f_y[i] == s_y[i]:
+                    continue
+                i1 = min(i + 1, h - 1)
+                for j in range(max(c - 1, 0), c + 1):
+                    if f_x[j] == s_x[j] or mark[i * w + j] == stamp:
+                        continue
+                    mark[i * w + j] = stamp
+                    j1 = min(j + 1, w - 1)
+                    a = _value(flat, base + i * w + j, table)
+                    b = _value(flat, base + i * w + j1, table)
+                    c_ = _value(flat, base + i1 * w + j, table)
+                    d = _value(flat, base + i1 * w + j1, table)
+                    ba = b - a
+                    ca = c_ - a
+                    dc = d - c_
+                    for oy in range(f_y[i], s_y[i]):
+                        ly = lam_y[oy]
+                        aa = a + ly * ca
+                        bb = ba + ly * (dc - ba)
+                        row = oy * sw
+                        for ox in range(f_x[j], s_x[j]):
+                            if aa + lam_x[ox] * bb > t:
+                                pix[n] = row + ox
+                                n += 1
+        return n
 
     @njit(cache=True, nogil=True, parallel=True)
-    def _tally(x, table, thr, seg, n_planes, img_labels, cat_of, n_cat, lo_y, lam_y, f_y, s_y,
+    def _tally(x, table, thr, tbits, seg, n_planes, img_labels, cat_of, n_cat, lo_y, lam_y, f_y, s_y,
                lam_x, f_x, s_x, sh, sw, same, both, act, unit_pixels, sizes, maxes):  # pragma: no cover
         """Tally one batch of one layer (see :func:`tally_batch`). Units go in blocks of 8 to the
         threads; within a block the images are the outer loop, so an image's label planes stay
         in the cache while the block's units read them."""
         b_n, c_n, h, w = x.shape
         m_n = img_labels.shape[1]
+        flat = x.reshape(-1)
+        flat16 = _int16_view(flat)
         block = 8
         for ub in prange((c_n + block - 1) // block):
-            m = np.empty((h, w), dtype=np.float64)
-            rowmax = np.empty(h, dtype=np.float64)
+            hot = np.empty(h * w, dtype=np.int64)
+            mark = np.zeros(h * w, dtype=np.int64)
             pix = np.empty(sh * sw, dtype=np.int64)
             hit = np.zeros(n_cat + 1, dtype=np.bool_)
+            stamp = 0
             for b in range(b_n):
                 for u in range(ub * block, min(c_n, ub * block + block)):
                     t = thr[u]
-                    mx = _load_hot_rows(x, b, u, table, m, rowmax, t)
+                    base = (b * c_n + u) * h * w
+                    mx, nh = _scan_map(flat, flat16, base, h * w, table, t, tbits[u], hot)
                     maxes[b, u] = mx
-                    if not mx > t:
+                    if nh == 0:
                         sizes[b, u] = 0
                         continue
-                    n = _active(m, t, rowmax, lo_y, lam_y, f_y, s_y, lam_x, f_x, s_x, sw, same, pix)
+                    stamp += 1
+                    n = _active(flat, base, h, w, table, t, hot, nh, stamp, mark, lam_y, f_y, s_y, lam_x,
+                                f_x, s_x, sw, same, pix)
                     sizes[b, u] = n
                     if n == 0:
                         continue
@@ -298,22 +352,65 @@ if HAVE_NUMBA:
                     unit_pixels[u] += n
 
     @njit(cache=True, nogil=True)
-    def _masks(x, table, thr, units, lo_y, lam_y, f_y, s_y, lam_x, f_x, s_x, sh, sw, same, out):  # pragma: no cover
+    def _masks(x, table, thr, tbits, units, lo_y, lam_y, f_y, s_y, lam_x, f_x, s_x, sh, sw, same,
+               out):  # pragma: no cover - compiled
         """``out[k] = mask of map k`` for ``x [n, 1, h, w]`` thresholded at ``thr[units[k]]``."""
         n_maps, _, h, w = x.shape
-        m = np.empty((h, w), dtype=np.float64)
-        rowmax = np.empty(h, dtype=np.float64)
+        flat = x.reshape(-1)
+        flat16 = _int16_view(flat)
+        hot = np.empty(h * w, dtype=np.int64)
+        mark = np.zeros(h * w, dtype=np.int64)
         pix = np.empty(sh * sw, dtype=np.int64)
         for k in range(n_maps):
             t = thr[units[k]]
-            flat = out[k].reshape(-1)
-            flat[:] = False
-            mx = _load_hot_rows(x, k, 0, table, m, rowmax, t)
-            if not mx > t:
+            o = out[k].reshape(-1)
+            o[:] = False
+            _, nh = _scan_map(flat, flat16, k * h * w, h * w, table, t, tbits[units[k]], hot)
+            if nh == 0:
                 continue
-            n = _active(m, t, rowmax, lo_y, lam_y, f_y, s_y, lam_x, f_x, s_x, sw, same, pix)
+            n = _active(flat, k * h * w, h, w, table, t, hot, nh, k + 1, mark, lam_y, f_y, s_y, lam_x, f_x,
+                        s_x, sw, same, pix)
             for q in range(n):
-                flat[pix[q]] = True
+                o[pix[q]] = True
+
+
+if HAVE_NUMBA:
+    @njit(cache=True, nogil=True)
+    def _overlay_scanlines(masks, out):  # pragma: no cover - compiled
+        """PNG scanlines (filter byte 0, then 2 bits per pixel) of the overlay indices of
+        ``masks [n, h, w]``: 0 inside, 1 outside, 2 on the edge (inside, with a 4-neighbour
+        outside; the border repeats the mask's own pixels)."""
+        n_m, h, w = masks.shape
+        for k in range(n_m):
+            for i in range(h):
+                out[k, i, 0] = 0
+                up = max(i - 1, 0)
+                dn = min(i + 1, h - 1)
+                for g in range(out.shape[2] - 1):
+                    byte = 0
+                    for q in range(4):
+                        j = g * 4 + q
+                        v = 0
+                        if j < w:
+                            if not masks[k, i, j]:
+                                v = 1
+                            elif not (masks[k, up, j] and masks[k, dn, j] and masks[k, i, max(j - 1, 0)]
+                                      and masks[k, i, min(j + 1, w - 1)]):
+                                v = 2
+                        byte |= v << (6 - 2 * q)
+                    out[k, i, g + 1] = byte
+
+
+def overlay_scanlines(masks: np.ndarray) -> np.ndarray | None:
+    """``bool [n, h, w]`` -> ``uint8 [n, h, 1 + ceil(w / 4)]``: the raw PNG scanlines (2-bit palette
+    indices of :func:`neurosem.dissect.report_html.mask_overlay`); ``None`` without numba."""
+    if not HAVE_NUMBA:
+        return None
+    m = np.ascontiguousarray(masks, dtype=np.bool_)
+    out = np.empty((m.shape[0], m.shape[1], 1 + -(-m.shape[2] // 4)), dtype=np.uint8)
+    if m.shape[0]:
+        _overlay_scanlines(m, out)
+    return out
 
 
 def set_threads(n: int) -> None:
@@ -330,6 +427,40 @@ def _as_input(acts: np.ndarray) -> np.ndarray:
     if acts.dtype not in (np.float32, np.float64):
         return acts.astype(np.float32)
     return acts
+
+
+def threshold_bits(thresholds: np.ndarray) -> np.ndarray:
+    """Per threshold ``t >= 0`` the largest float16 bit pattern (0 .. 0x7C00) whose value is at most
+    ``t``, so a non-negative float16 ``v`` (not NaN) exceeds ``t`` exactly when its bits exceed it;
+    ``-1`` for a negative or NaN threshold (compared value by value).
+
+    Example:
+        >>> threshold_bits(np.array([0.0, 1.0, 1.0004, -2.0, np.inf])).tolist()
+        [0, 15360, 15360, -1, 31744]
+    """
+    t = np.asarray(thresholds, dtype=np.float64)
+    pos = F16_TABLE[:0x7C01]                       # increasing: +0 .. +inf
+    out = np.searchsorted(pos, t, side="right").astype(np.int64) - 1
+    out[~(t >= 0)] = -1
+    return out
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A zero array on an anonymous memory map: a page costs only when it is first written.
+
+    The quantile's ``[C, 65536]`` counts (128 MB for 512 units) are mostly never written; numpy's
+    ``zeros`` would ask for transparent huge pages there, which the kernel then zeroes (and may
+    compact memory for) in full on the first write of each 2 MB.
+
+    Example:
+        >>> lazy_zeros((2, 3), np.int32).sum()
+        0
+    """
+    import mmap
+
+    count = int(np.prod(shape))
+    buf = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
 class Geometry:
@@ -369,9 +500,10 @@ class F16Quantile:
     def __init__(self, n_units: int, q: float, total: int | None = None) -> None:
         self.n_units, self.q = int(n_units), float(q)
         self.total = None if total is None else int(total)
-        self.hist = np.zeros((self.n_units, 65536), dtype=np.int32)
+        self.hist = lazy_zeros((self.n_units, 65536), np.int32)
         self.coarse = np.zeros((self.n_units, 256), dtype=np.int64)
-        self.floor = np.zeros(self.n_units, dtype=np.int64)
+        self.floor = np.zeros(self.n_units, dtype=np.int64)       # sortable key, see _histogram
+        self.pending = np.zeros(self.n_units, dtype=np.int64)
         self.nan = np.zeros(self.n_units, dtype=np.int64)
         self.count = 0
 
@@ -382,12 +514,16 @@ class F16Quantile:
         b, c = acts.shape[:2]
         bits = np.ascontiguousarray(acts).view(np.uint16).reshape(b, c, -1)
         if self.hist.dtype == np.int32 and self.count + bits.shape[2] * b >= 2 ** 31:
-            self.hist = self.hist.astype(np.int64)      # more values per unit than int32 counts
+            wide = lazy_zeros(self.hist.shape, np.int64)    # more values per unit than int32 counts
+            wide[...] = self.hist
+            self.hist = wide
         from neurosem.dissect.quantile import top_count
 
         # with the total known, only its top_count largest values matter: the rest are skipped
         need = top_count(self.total, self.q) if self.total is not None else np.iinfo(np.int64).max
-        _histogram(bits, self.hist, self.coarse, self.floor, self.nan, need)
+        if self.total is not None and not self.floor.all():
+            _prime_floors(bits, self.floor, need)
+        _histogram(bits, self.hist, self.coarse, self.floor, self.pending, self.nan, need)
         self.count += bits.shape[2] * b
 
     def result(self) -> np.ndarray:
@@ -400,8 +536,8 @@ class F16Quantile:
         if self.total is not None and total != self.total:
             raise ValueError(f"F16Quantile was told of {self.total} values per unit and got {total}")
         k = top_count(total, self.q)             # the value at ascending position total - k ...
-        lo_key = _ranked(self.hist, np.full(self.n_units, k - 1, dtype=np.int64))
-        hi_key = _ranked(self.hist, np.full(self.n_units, max(k - 2, 0), dtype=np.int64))
+        lo_key = _ranked(self.hist, self.coarse, np.full(self.n_units, k - 1, dtype=np.int64))
+        hi_key = _ranked(self.hist, self.coarse, np.full(self.n_units, max(k - 2, 0), dtype=np.int64))
         a = F16_TABLE[_KEY_TO_BITS[lo_key]]
         b = F16_TABLE[_KEY_TO_BITS[hi_key]] if k >= 2 else a
         out = lerp_quantile(a, b, total, self.q)
@@ -433,7 +569,8 @@ def tally_batch(acts: np.ndarray, thresholds: np.ndarray, seg: np.ndarray, n_pla
     b, c = x.shape[:2]
     sizes = np.zeros((b, c), dtype=np.int64)
     maxes = np.empty((b, c), dtype=np.float64)
-    _tally(x, F16_TABLE, np.ascontiguousarray(thresholds, dtype=np.float64), seg,
+    thr = np.ascontiguousarray(thresholds, dtype=np.float64)
+    _tally(x, F16_TABLE, thr, threshold_bits(thr), seg,
            np.ascontiguousarray(n_planes, dtype=np.int64), np.ascontiguousarray(image_labels, dtype=np.int64),
            np.ascontiguousarray(category_of, dtype=np.int64), int(n_categories), *geometry.args(),
            both, act, unit_pixels, sizes, maxes)
@@ -456,8 +593,9 @@ def map_masks(maps: np.ndarray, thresholds: np.ndarray, units: np.ndarray, geome
     x = x.reshape(x.shape[0], 1, *x.shape[1:])
     out = np.zeros((x.shape[0], *geometry.size), dtype=np.bool_)
     if x.shape[0]:
-        _masks(x, F16_TABLE, np.ascontiguousarray(thresholds, dtype=np.float64),
-               np.ascontiguousarray(units, dtype=np.int64), *geometry.args(), out)
+        thr = np.ascontiguousarray(thresholds, dtype=np.float64)
+        _masks(x, F16_TABLE, thr, threshold_bits(thr), np.ascontiguousarray(units, dtype=np.int64),
+               *geometry.args(), out)
     return out
 
 
@@ -473,3 +611,4 @@ def warm_up() -> None:
     tally_batch(z((1, 1, 1, 1), np.float16), z(1), z((1, 1, 4), np.uint16), z(1, np.int64), z((1, 1), np.int64),
                 z(1, np.int64), 1, geo, z((1, 1), np.int64), z((1, 1), np.int64), z(1, np.int64))
     map_masks(z((1, 1, 1), np.float16), z(1), z(1, np.int64), geo)
+    overlay_scanlines(z((1, 1, 1), np.bool_))

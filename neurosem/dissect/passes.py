@@ -44,6 +44,14 @@ class LabelSource:
         self.ds, self.cache = ds, cache
         self.size = tuple(ds.seg_size)
 
+    def counts(self, start: int, stop: int, seg: np.ndarray, image_labels: np.ndarray,
+               primary: np.ndarray) -> np.ndarray:
+        """:func:`label_counts` of the batch :meth:`batch` gave (from the cache's runs when there is one)."""
+        pixels = None
+        if self.cache is not None:
+            pixels = self.cache.pixel_counts(start, stop, self.ds.pixel_categories, primary.shape[0])
+        return label_counts(seg, image_labels, primary, pixels)
+
     def batch(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(seg [B, P, sh * sw], n_planes [B], image_labels [B, M])`` of images ``start..stop``."""
         ds = self.ds
@@ -62,14 +70,16 @@ class LabelSource:
         return seg, n_planes, il
 
 
-def label_counts(seg: np.ndarray, image_labels: np.ndarray, primary: np.ndarray) -> np.ndarray:
+def label_counts(seg: np.ndarray, image_labels: np.ndarray, primary: np.ndarray,
+                 pixels: np.ndarray | None = None) -> np.ndarray:
     """``gt`` of a batch, ``[n_labels]``: label entries over all planes plus ``sh·sw`` per
     image-level label (label 0 counted too, left out later); checked as :meth:`Tally.labels` checks
-    them (:func:`~neurosem.dissect.tally.check_label_counts`)."""
+    them (:func:`~neurosem.dissect.tally.check_label_counts`). ``pixels``: the counts over the
+    planes when already known (:meth:`LabelCache.pixel_counts`), else a ``bincount`` of ``seg``."""
     from neurosem.dissect.tally import check_label_counts
 
     n_labels = primary.shape[0]
-    counts = np.bincount(seg.reshape(-1), minlength=n_labels)
+    counts = np.bincount(seg.reshape(-1), minlength=n_labels) if pixels is None else pixels
     if image_labels.size:
         counts = counts + np.bincount(image_labels.reshape(-1), minlength=n_labels) * seg.shape[-1]
     check_label_counts(counts, primary)
@@ -140,7 +150,7 @@ def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: 
         for start, batch in it:
             b = next(iter(batch.values())).shape[0]
             seg, n_planes, il = labels.batch(start, start + b)
-            gt += label_counts(seg, il, primary)
+            gt += labels.counts(start, start + b, seg, il, primary)
             for name in names:
                 sizes, maxes = K.tally_batch(batch[name], thresholds[name], seg, n_planes, il, cat_of, k_cat,
                                              geo[name], both[name], act[name], pix[name])

@@ -155,12 +155,20 @@ def mask_overlay(mask: np.ndarray) -> np.ndarray:
 
 
 def _overlay_uris(masks: Sequence[np.ndarray]) -> list[str]:
-    """:func:`overlay_data_uri` of many masks of one size (the overlays computed at once)."""
+    """:func:`overlay_data_uri` of many masks of one size (the overlays computed at once, by the
+    compiled kernel where numba is installed)."""
     if not len(masks):
         return []
-    over = mask_overlay(np.stack(masks))
-    return ["data:image/png;base64," + base64.b64encode(palette_png(o, _OVERLAY_PALETTE, _OVERLAY_ALPHA)).decode("ascii")
-            for o in over]
+    from neurosem.dissect._kernels import overlay_scanlines
+
+    stacked = np.stack(masks)
+    rows = overlay_scanlines(stacked)
+    if rows is None:
+        pngs = [palette_png(o, _OVERLAY_PALETTE, _OVERLAY_ALPHA) for o in mask_overlay(stacked)]
+    else:
+        h, w = stacked.shape[1:]
+        pngs = [_png(w, h, r.tobytes(), _OVERLAY_PALETTE, _OVERLAY_ALPHA) for r in rows]
+    return ["data:image/png;base64," + base64.b64encode(p).decode("ascii") for p in pngs]
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -187,7 +195,12 @@ def palette_png(indices: np.ndarray, palette: Sequence[int], alpha: bytes, bits:
     for k in range(per):
         packed |= groups[:, :, k] << (8 - bits * (k + 1))
     raw = np.concatenate([np.zeros((h, 1), dtype=np.uint8), packed], 1).tobytes()   # filter 0 per row
-    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([bits, 3, 0, 0, 0])
+    return _png(w, h, raw, palette, alpha, bits)
+
+
+def _png(w: int, h: int, raw: bytes, palette: Sequence[int], alpha: bytes, bits: int = 2) -> bytes:
+    """A palette PNG from its raw scanlines (each a filter byte 0, then the packed indices)."""
+    ihdr = int(w).to_bytes(4, "big") + int(h).to_bytes(4, "big") + bytes([bits, 3, 0, 0, 0])
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"PLTE", bytes(palette))
             + _chunk(b"tRNS", alpha) + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b""))
 

@@ -26,6 +26,20 @@ def _dense(ds, cache, start, stop, categories=None):
     return seg.reshape(stop - start, seg.shape[1], *ds.seg_size), n_planes
 
 
+def test_pixel_counts_from_the_runs_equal_a_bincount_of_the_planes(broden, tmp_path):
+    ds = BrodenDataset(broden)
+    cache = open_label_cache(ds, tmp_path / "c", workers=1, progress=False)
+    n_labels = len(ds.label_names)
+    for cats in (ds.pixel_categories, ds.pixel_categories[1:2], ds.pixel_categories[::2]):
+        for start, stop in [(0, 40), (3, 17), (39, 40), (5, 5)]:
+            seg, n_planes = cache.batch(start, stop, cats)
+            got = cache.pixel_counts(start, stop, cats, n_labels)
+            ref = np.bincount(seg.reshape(-1), minlength=n_labels)
+            assert got.dtype == np.int64 and got.shape == (n_labels,)
+            np.testing.assert_array_equal(got[1:], ref[1:])
+            assert got.sum() == int(n_planes.sum()) * seg.shape[-1]     # the padding is not counted
+
+
 def test_batches_equal_load_seg(broden, tmp_path):
     ds = BrodenDataset(broden)
     cache = open_label_cache(ds, tmp_path / "c", workers=2, progress=False)

@@ -142,6 +142,24 @@ def test_mask_overlay_and_its_png():
     assert rgba[2, 2, 3] == 0 and tuple(rgba[0, 0]) == (0, 0, 0, 170) and tuple(rgba[1, 1]) == (255, 214, 0, 255)
 
 
+
+def test_the_compiled_overlay_gives_the_same_pngs_as_numpy():
+    from neurosem.dissect import _kernels as K
+    from neurosem.dissect.report_html import _OVERLAY_ALPHA, _OVERLAY_PALETTE, _overlay_uris, palette_png
+
+    if not K.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(3)
+    for h, w in ((7, 9), (12, 12), (1, 5), (5, 1)):
+        masks = rng.random((6, h, w)) < 0.6
+        masks[0] = True                       # all inside: the border repeats, so no edge
+        masks[1] = False
+        import base64
+
+        ref = [palette_png(o, _OVERLAY_PALETTE, _OVERLAY_ALPHA) for o in mask_overlay(masks)]
+        got = [base64.b64decode(u.split(",", 1)[1]) for u in _overlay_uris(list(masks))]
+        assert got == ref
+
 def test_html_pages_are_self_contained_and_sorted(run, tmp_path):
     d = load_dissection(run)
     thumbs = {i: np.full((8, 8, 3), 40 * i, dtype=np.uint8) for i in range(3)}
