@@ -164,11 +164,14 @@ def save_figure(fig: "Figure", path_without_suffix: "str | Path",
     base.parent.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     with matplotlib.rc_context(_SAVE_RC):
+        # the tight box once (one draw), not once per format (bbox_inches="tight" draws twice per file)
+        fig.canvas.draw()
+        box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.02)
         for fmt in formats:
             out = base.with_name(base.name + "." + fmt)
             tmp = out.with_name(out.name + ".tmp")
             fig.savefig(tmp, format="jpeg" if fmt == "jpg" else fmt, dpi=dpi,
-                        metadata=_METADATA.get(fmt) or None, bbox_inches="tight", pad_inches=0.02)
+                        metadata=_METADATA.get(fmt) or None, bbox_inches=box)
             tmp.replace(out)
             written.append(out)
     if close:

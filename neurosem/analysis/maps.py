@@ -33,9 +33,14 @@ def embed_2d(S: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.nda
     if method == "tsne":
         from sklearn.manifold import TSNE
 
+        from threadpoolctl import threadpool_limits
+
         perplexity = float(min(30.0, (len(X) - 1) / 3.0))
-        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
-                  metric="cosine").fit_transform(X)
+        # one OpenMP thread: the gradient of a few hundred points gains nothing from more, and on a
+        # busy machine its threads wait on each other (1.6 s -> 15 s for 512 units, measured)
+        with threadpool_limits(1):
+            xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
+                      metric="cosine", n_jobs=1).fit_transform(X)
         return xy, "t-SNE"
     from sklearn.decomposition import PCA
 

@@ -102,16 +102,32 @@ def top_images(store: Any, layer: str, unit: int, n: int) -> list[int]:
     return top_rows(peak[:, 0], n, tie=mean[:, 0])
 
 
-def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling (``align_corners=False``) of ``maps: [..., h, w]`` to ``[..., H, W]`` float32."""
-    import torch
-    import torch.nn.functional as F
+def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``[n_out, n_in]`` float64: row ``o`` holds the bilinear (``align_corners=False``) weights of
+    output ``o`` (:func:`neurosem.dissect._kernels.axis_tables`' geometry)."""
+    from neurosem.dissect._kernels import axis_tables
 
-    x = torch.as_tensor(np.ascontiguousarray(maps, dtype=np.float32))
-    lead = x.shape[:-2]
-    x = x.reshape(-1, 1, *x.shape[-2:])
-    y = F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
-    return y.reshape(*lead, *y.shape[-2:]).numpy()
+    lo, lam, _, _ = axis_tables(n_in, n_out)
+    m = np.zeros((n_out, n_in))
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, lo), 1.0 - lam)
+    np.add.at(m, (rows, np.minimum(lo + 1, n_in - 1)), lam)
+    return m
+
+
+def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling (``align_corners=False``, as torch's ``interpolate``) of
+    ``maps: [..., h, w]`` to ``[..., H, W]`` float32, for drawing (separable: two small matrix
+    products, no torch import).
+
+    Example:
+        >>> upsample(np.array([[0.0, 1.0]]), (1, 4)).tolist()
+        [[0.0, 0.25, 0.75, 1.0]]
+    """
+    x = np.asarray(maps, dtype=np.float64)
+    h, w = x.shape[-2:]
+    ry, rx = _interp_matrix(h, int(size[0])), _interp_matrix(w, int(size[1]))
+    return np.einsum("yh,...hw,xw->...yx", ry, x, rx, optimize=True).astype(np.float32)
 
 
 def display_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -127,14 +143,26 @@ def display_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def dissection_masks(raw: np.ndarray, thresholds: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The dissection's masks of ``raw: [U, I, h, w]`` (thresholds ``[U]``, float64) at ``size``:
-    ``bool [U, I, sh, sw]``, computed by :func:`neurosem.dissect.tally.unit_masks`."""
+    ``bool [U, I, sh, sw]``, computed by the dissection's own CPU kernel
+    (:func:`neurosem.dissect._kernels.map_masks`, no torch import) or, where numba is missing, by
+    :func:`neurosem.dissect.tally.unit_masks` (the two agree bit for bit, tests/dissect/test_kernels.py)."""
+    from neurosem.dissect import _kernels as K
+
+    raw = np.asarray(raw)
+    u_n, i_n, h, w = raw.shape
+    thr = np.asarray(thresholds, dtype=np.float64)
+    if K.HAVE_NUMBA:
+        units = np.repeat(np.arange(u_n, dtype=np.int64), i_n)
+        if raw.dtype not in (np.float16, np.float32, np.float64):
+            raw = raw.astype(np.float32)
+        out = K.map_masks(raw.reshape(u_n * i_n, h, w), thr, units, K.Geometry(h, w, *size))
+        return out.reshape(u_n, i_n, *size)
     import torch
 
     from neurosem.dissect.tally import unit_masks
 
     acts = torch.from_numpy(np.ascontiguousarray(np.swapaxes(raw, 0, 1), dtype=np.float32))   # [I, U, h, w]
-    thr = torch.as_tensor(np.asarray(thresholds, dtype=np.float64))
-    return np.swapaxes(unit_masks(acts, thr, size).numpy(), 0, 1)
+    return np.swapaxes(unit_masks(acts, torch.as_tensor(thr), size).numpy(), 0, 1)
 
 
 def dataset_spec(rd: "RunDir", store: Any) -> str | None:
@@ -167,11 +195,18 @@ def load_images(rd: "RunDir", store: Any, rows: Sequence[int]) -> tuple[np.ndarr
         ds = open_image_dataset(spec)
         ids = store.image_ids
         images = []
+        direct = hasattr(ds, "load_image") and getattr(ds, "transform", None) is None
         for r in rows:
-            item = ds[int(r)]
+            if direct:       # the PIL image as pil_to_tensor reads it, without importing torch
+                item = {"id": ds.image_ids[int(r)]} if hasattr(ds, "image_ids") else {}
+                pil = ds.load_image(int(r))
+                arr = np.asarray(pil.convert("RGB") if pil.mode != "RGB" else pil, dtype=np.uint8)
+                img = np.transpose(arr.astype(np.float32) / np.float32(255.0), (2, 0, 1))
+            else:
+                item = ds[int(r)]
+                img = np.asarray(item["image"], dtype=np.float32)
             if "id" in item and str(item["id"]) != ids[r]:
                 return None, f"image {r} of {spec} is {item['id']!r}, the run recorded {ids[r]!r}"
-            img = np.asarray(item["image"], dtype=np.float32)
             images.append(np.clip(np.transpose(img, (1, 2, 0)), 0.0, 1.0))
     except (NeurosemError, OSError, ImportError, IndexError, KeyError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

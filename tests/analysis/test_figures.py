@@ -509,3 +509,15 @@ def test_top_rows_orders_equal_peaks_by_the_mean():
     mean = np.array([0.9, 0.1, 0.3, 0.3, 0.0])
     assert figmod.top_rows(peak, 4, tie=mean) == [2, 3, 1, 0]
     assert figmod.top_rows(peak, 4) == [1, 2, 3, 0]
+
+
+def test_the_display_upsampling_equals_torch_interpolate():
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(5)
+    for shape, size in (((2, 3, 7, 7), (112, 112)), ((1, 5, 4), (9, 13)), ((3, 1, 1), (4, 4))):
+        x = rng.standard_normal(shape).astype(np.float32)
+        t = torch.from_numpy(x).reshape(-1, 1, *shape[-2:])
+        ref = F.interpolate(t, size=size, mode="bilinear", align_corners=False).reshape(*shape[:-2], *size)
+        np.testing.assert_allclose(figmod.upsample(x, size), ref.numpy(), rtol=0, atol=2e-6)
