@@ -9,9 +9,11 @@ a corner above the threshold, as the torch tally does: the masks, and so the tal
 bit for bit (tests/dissect/test_kernels.py compares them with the torch tally and with a plain
 per-pixel reference).
 
-Parallel over units (``numba.prange``): each thread owns whole rows of the tallies, so nothing is
-shared and the work is split in equal static shares; a busy core slows its share, it does not stall
-the others in spin-waits (the failure of small torch ops with many threads on a loaded machine).
+Parallel over units by :class:`Workers` (Python threads running the GIL-free kernels on blocks of
+units, handed out as threads free up): each block owns whole rows of the tallies, so nothing is
+shared; a busy core slows the thread on it, which then takes fewer blocks. (numba's ``prange`` was
+used before: its static split made every thread wait for the one sharing a core with another
+process, and the inner loops of its parallel bodies compiled to code about twice as slow.)
 
 Importing this module compiles nothing; the first call of each kernel loads it from numba's on-disk
 cache (or compiles it once, a few seconds, then caches it).
@@ -24,13 +26,15 @@ import numpy as np
 
 try:  # numba is a dependency; without it (an unsupported Python) the torch tally is used
     import numba
-    from numba import njit, prange
+    from numba import njit
     from numba.extending import overload
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
 
+#: values per block of the maps' scan for values above the threshold (see ``_scan_map``)
+SCAN_BLOCK = 64
 #: float16 bit pattern -> its value as float64
 F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float64)
 #: sortable key (uint16 order = value order) -> float16 bit pattern
@@ -101,44 +105,43 @@ if HAVE_NUMBA:
             key -= 1
         return f
 
-    @njit(cache=True, nogil=True, parallel=True)
-    def _histogram(bits, hist, coarse, floor, pending, nan, need):  # pragma: no cover - compiled
+    @njit(cache=True, nogil=True)
+    def _histogram(bits, hist, coarse, floor, pending, nan, need, u0, u1):  # pragma: no cover - compiled
         """Count the float16 values of ``bits [B, C, S]`` per unit by sortable key (``hist [C, 65536]``,
         and by the key's high byte in ``coarse [C, 256]``), skipping the values whose key is below
         ``floor[u]``: at least ``need`` values were already counted at or above it, so they can never
         be among the ``need`` largest (floors only rise, so every count at or above the floor is
         complete). The floor is raised once 256 more values were counted (amortised, one scan of
         at most 256 fine counts); while it lies among the positive values, a value below it is
-        rejected by one comparison of its bits."""
+        rejected by one comparison of its bits. Units ``u0 .. u1 - 1`` only (one task of
+        :class:`Workers`); the images are the outer loop (contiguous reads)."""
         b_n, c_n, s_n = bits.shape
-        block = 16                    # units per task; images outer within a block (contiguous reads)
-        for ub in prange((c_n + block - 1) // block):
-            for b in range(b_n):
-                for u in range(ub * block, min(c_n, ub * block + block)):
-                    f = floor[u]
-                    # positive float16 bits below `low` have a key below f (and are no NaN)
-                    low = f - 0x8000 if f >= 0x8000 else 0
-                    counted = 0
-                    for s in range(s_n):
-                        v = np.int64(bits[b, u, s])
-                        if v < low:
-                            continue
-                        if (v & 0x7FFF) > 0x7C00:
-                            nan[u] += 1
-                            continue
-                        key = _sort_key(v)
-                        if key >= f:
-                            hist[u, key] += 1
-                            coarse[u, key >> 8] += 1
-                            counted += 1
-                    if counted:
-                        pending[u] += counted
-                        if pending[u] >= 256 or f == 0:
-                            floor[u] = _raise_floor(hist, coarse, u, f, need)
-                            pending[u] = 0
+        for b in range(b_n):
+            for u in range(u0, u1):
+                f = floor[u]
+                # positive float16 bits below `low` have a key below f (and are no NaN)
+                low = f - 0x8000 if f >= 0x8000 else 0
+                counted = 0
+                for s in range(s_n):
+                    v = np.int64(bits[b, u, s])
+                    if v < low:
+                        continue
+                    if (v & 0x7FFF) > 0x7C00:
+                        nan[u] += 1
+                        continue
+                    key = _sort_key(v)
+                    if key >= f:
+                        hist[u, key] += 1
+                        coarse[u, key >> 8] += 1
+                        counted += 1
+                if counted:
+                    pending[u] += counted
+                    if pending[u] >= 256 or f == 0:
+                        floor[u] = _raise_floor(hist, coarse, u, f, need)
+                        pending[u] = 0
 
-    @njit(cache=True, nogil=True, parallel=True)
-    def _prime_floors(bits, floor, need):  # pragma: no cover - compiled
+    @njit(cache=True, nogil=True)
+    def _prime_floors(bits, floor, need, u0, u1):  # pragma: no cover - compiled
         """For the units whose floor is still 0: the lowest key of the highest bucket (key high
         byte) holding, with the buckets above it, at least ``need`` of this batch's values
         (``bits [B, C, S]``). Those values are counted by the histogram that follows, so every value
@@ -146,7 +149,7 @@ if HAVE_NUMBA:
         buckets near the top (each first-touched page of the ``[C, 65536]`` counts costs a page
         fault, several microseconds on a virtual machine)."""
         b_n, c_n, s_n = bits.shape
-        for u in prange(c_n):
+        for u in range(u0, u1):
             if floor[u] != 0:
                 continue
             local = np.zeros(256, dtype=np.int64)
@@ -187,33 +190,50 @@ if HAVE_NUMBA:
             out[u] = key
         return out
 
-    def _scan_map(x, x16, base, n, table, t, tb, hot):  # pragma: no cover - replaced by overload
+    def _scan_map(x, x16, base, n, table, t, tb, hot, bl, nb):  # pragma: no cover - replaced by overload
         raise NotImplementedError
 
     @overload(_scan_map, inline="always")
-    def _scan_map_impl(x, x16, base, n, table, t, tb, hot):  # noqa: ANN001 - numba typing hook
+    def _scan_map_impl(x, x16, base, n, table, t, tb, hot, bl, nb):  # noqa: ANN001 - numba typing hook
         """``(maximum, count)`` of the map ``x[base:base + n]``: its maximum (NaN ignored, as
         ``v > r`` does; ``-inf`` when all are NaN) and, into ``hot``, the positions of its values
         above ``t``. For float16 bits (``x16``: the same bits as int16) with ``tb >= 0`` (the
-        largest bit pattern of a value <= t when ``t >= 0``) both are integer tests: the int16
-        maximum (one vectorised loop), and only when it exceeds ``tb`` a scan for the values above
-        it (negative values and -NaN are negative int16; +NaN lies above 0x7C00 and is excluded)."""
+        largest bit pattern of a value <= t when ``t >= 0``) both are integer tests, in blocks of
+        ``bl`` values: the block's int16 maximum (a vectorised loop), and only when it exceeds
+        ``tb`` a scan of the block for the values above it (negative values and -NaN are negative
+        int16; +NaN lies above 0x7C00 and is excluded). ``bl`` (:data:`SCAN_BLOCK`) arrives as an
+        argument on purpose, and ``nb = n // bl`` is computed once by the caller, outside its loop
+        over the maps: a literal block size gets the loop fully unrolled (2.4x slower), and the
+        division inside the map loop keeps it from being vectorised (5x slower)."""
         if x.dtype == numba.types.uint16:
-            def impl(x, x16, base, n, table, t, tb, hot):
+            def impl(x, x16, base, n, table, t, tb, hot, bl, nb):
                 nh = 0
                 if tb >= 0:
                     top = np.int16(-32768)
-                    for k in range(base, base + n):
-                        v = x16[k]
-                        top = v if v > top else top
                     t16 = np.int16(tb)
-                    if top > t16:
-                        for k in range(n):
-                            v = x16[base + k]
-                            if v > t16:
-                                if v <= 0x7C00:
-                                    hot[nh] = k
-                                    nh += 1
+                    ubl = np.uint64(bl)
+                    for blk in range(nb):                 # a vectorised int16 maximum per block,
+                        o = base + blk * bl               # then a scan only where it exceeds tb
+                        uo = np.uint64(o)                 # unsigned: no negative-index wraparound
+                        m = np.int16(-32768)              # test, which would stop the vectoriser
+                        for k in range(ubl):
+                            v = x16[uo + k]
+                            m = v if v > m else m
+                        top = m if m > top else top
+                        if m > t16:
+                            for k in range(bl):
+                                v = x16[o + k]
+                                if v > t16:
+                                    if v <= 0x7C00:
+                                        hot[nh] = blk * bl + k
+                                        nh += 1
+                    for k in range(nb * bl, n):
+                        v = x16[base + k]
+                        top = v if v > top else top
+                        if v > t16:
+                            if v <= 0x7C00:
+                                hot[nh] = k
+                                nh += 1
                     if 0 <= top <= 0x7C00:
                         return table[np.int64(top)], nh
                 else:
@@ -234,7 +254,7 @@ if HAVE_NUMBA:
                 return table[_key_bits(best)], nh
             return impl
 
-        def impl_float(x, x16, base, n, table, t, tb, hot):
+        def impl_float(x, x16, base, n, table, t, tb, hot, bl, nb):
             mx = -np.inf
             nh = 0
             for k in range(n):
@@ -302,62 +322,65 @@ if HAVE_NUMBA:
                                 n += 1
         return n
 
-    @njit(cache=True, nogil=True, parallel=True)
+    @njit(cache=True, nogil=True)
     def _tally(x, table, thr, tbits, seg, n_planes, img_labels, cat_of, n_cat, lo_y, lam_y, f_y, s_y,
-               lam_x, f_x, s_x, sh, sw, same, both, act, unit_pixels, sizes, maxes):  # pragma: no cover
-        """Tally one batch of one layer (see :func:`tally_batch`). Units go in blocks of 8 to the
-        threads; within a block the images are the outer loop, so an image's label planes stay
-        in the cache while the block's units read them."""
+               lam_x, f_x, s_x, sh, sw, same, both, act, unit_pixels, sizes, maxes, scan_block, u0,
+               u1):  # pragma: no cover
+        """Tally units ``u0 .. u1 - 1`` of one batch of one layer (see :func:`tally_batch`; one task
+        of :class:`Workers`). The images are the outer loop, so an image's label planes stay in the
+        cache while the units read them."""
         b_n, c_n, h, w = x.shape
         m_n = img_labels.shape[1]
         flat = x.reshape(-1)
         flat16 = _int16_view(flat)
-        block = 8
-        for ub in prange((c_n + block - 1) // block):
-            hot = np.empty(h * w, dtype=np.int64)
-            mark = np.zeros(h * w, dtype=np.int64)
-            pix = np.empty(sh * sw, dtype=np.int64)
-            hit = np.zeros(n_cat + 1, dtype=np.bool_)
-            stamp = 0
-            for b in range(b_n):
-                for u in range(ub * block, min(c_n, ub * block + block)):
-                    t = thr[u]
-                    base = (b * c_n + u) * h * w
-                    mx, nh = _scan_map(flat, flat16, base, h * w, table, t, tbits[u], hot)
-                    maxes[b, u] = mx
-                    if nh == 0:
-                        sizes[b, u] = 0
-                        continue
-                    stamp += 1
-                    n = _active(flat, base, h, w, table, t, hot, nh, stamp, mark, lam_y, f_y, s_y, lam_x,
-                                f_x, s_x, sw, same, pix)
-                    sizes[b, u] = n
-                    if n == 0:
-                        continue
-                    hit[:] = False
-                    for p in range(n_planes[b]):
-                        for k in range(n):
-                            lab = seg[b, p, pix[k]]
-                            if lab != 0:
-                                both[u, lab] += 1
-                                hit[cat_of[lab]] = True
-                    for k in range(m_n):
-                        lab = img_labels[b, k]
+        n_blocks = (h * w) // scan_block
+        hot = np.empty(h * w, dtype=np.int64)
+        mark = np.zeros(h * w, dtype=np.int64)
+        pix = np.empty(sh * sw, dtype=np.int64)
+        hit = np.zeros(n_cat + 1, dtype=np.bool_)
+        stamp = 0
+        for b in range(b_n):
+            for u in range(u0, u1):
+                t = thr[u]
+                base = (b * c_n + u) * h * w
+                mx, nh = _scan_map(flat, flat16, base, h * w, table, t, tbits[u], hot, scan_block, n_blocks)
+                maxes[b, u] = mx
+                if nh == 0:
+                    sizes[b, u] = 0
+                    continue
+                stamp += 1
+                n = _active(flat, base, h, w, table, t, hot, nh, stamp, mark, lam_y, f_y, s_y, lam_x,
+                            f_x, s_x, sw, same, pix)
+                sizes[b, u] = n
+                if n == 0:
+                    continue
+                hit[:] = False
+                both_u = both[u]
+                for p in range(n_planes[b]):
+                    plane = seg[b, p]
+                    for k in range(n):
+                        lab = plane[np.uint64(pix[k])]     # unsigned: no wraparound test
                         if lab != 0:
-                            both[u, lab] += n
+                            both_u[lab] += 1
                             hit[cat_of[lab]] = True
-                    for c in range(n_cat):
-                        if hit[c]:
-                            act[u, c] += n
-                    unit_pixels[u] += n
+                for k in range(m_n):
+                    lab = img_labels[b, k]
+                    if lab != 0:
+                        both[u, lab] += n
+                        hit[cat_of[lab]] = True
+                for c in range(n_cat):
+                    if hit[c]:
+                        act[u, c] += n
+                unit_pixels[u] += n
 
     @njit(cache=True, nogil=True)
     def _masks(x, table, thr, tbits, units, lo_y, lam_y, f_y, s_y, lam_x, f_x, s_x, sh, sw, same,
-               out):  # pragma: no cover - compiled
+               out, scan_block):  # pragma: no cover - compiled
         """``out[k] = mask of map k`` for ``x [n, 1, h, w]`` thresholded at ``thr[units[k]]``."""
         n_maps, _, h, w = x.shape
         flat = x.reshape(-1)
         flat16 = _int16_view(flat)
+        n_blocks = (h * w) // scan_block
         hot = np.empty(h * w, dtype=np.int64)
         mark = np.zeros(h * w, dtype=np.int64)
         pix = np.empty(sh * sw, dtype=np.int64)
@@ -365,7 +388,8 @@ if HAVE_NUMBA:
             t = thr[units[k]]
             o = out[k].reshape(-1)
             o[:] = False
-            _, nh = _scan_map(flat, flat16, k * h * w, h * w, table, t, tbits[units[k]], hot)
+            _, nh = _scan_map(flat, flat16, k * h * w, h * w, table, t, tbits[units[k]], hot, scan_block,
+                             n_blocks)
             if nh == 0:
                 continue
             n = _active(flat, k * h * w, h, w, table, t, hot, nh, k + 1, mark, lam_y, f_y, s_y, lam_x, f_x,
@@ -413,10 +437,48 @@ def overlay_scanlines(masks: np.ndarray) -> np.ndarray | None:
     return out
 
 
-def set_threads(n: int) -> None:
-    """Threads of the compiled kernels (at most numba's ``NUMBA_NUM_THREADS``)."""
-    if HAVE_NUMBA:
-        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+class Workers:
+    """Runs a compiled kernel over blocks of units on ``n`` threads (the kernels release the GIL;
+    each block owns its units' rows of every output, so nothing is shared). Blocks are handed out
+    as threads free up: a thread on a core that another process keeps busy simply takes fewer
+    blocks, where a static split would make every thread wait for the slowest. With ``n == 1`` the
+    kernel runs once over all units in the calling thread.
+
+    Example:
+        >>> with Workers(2) as workers:
+        ...     out = np.zeros(5, dtype=np.int64)
+        ...     workers.blocks(lambda a, u0, u1: a.__setitem__(slice(u0, u1), u1 - u0), 5, 2, out)
+        >>> out.tolist()
+        [2, 2, 2, 2, 1]
+    """
+
+    def __init__(self, n: int = 1) -> None:
+        self.n = max(1, int(n))
+        self._pool: Any = None
+
+    def blocks(self, fn: Any, n_units: int, block: int, *args: Any) -> None:
+        """``fn(*args, u0, u1)`` for consecutive unit ranges covering ``0 .. n_units`` (``block`` each)."""
+        if self.n == 1 or n_units <= block:
+            fn(*args, 0, n_units)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="neurosem-kernel")
+        spans = [(u, min(n_units, u + block)) for u in range(0, n_units, block)]
+        for f in [self._pool.submit(fn, *args, u0, u1) for u0, u1 in spans]:
+            f.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _as_input(acts: np.ndarray) -> np.ndarray:
@@ -486,7 +548,8 @@ class F16Quantile:
     Args:
         n_units: ``C``; q: the upper tail fraction; total: the number of values each unit will get
             (``N·H·W``): when given, values that can no longer be among the ``top_count`` largest
-            are skipped, which makes the pass several times faster.
+            are skipped, which makes the pass several times faster; workers: the threads
+            (:class:`Workers`; default one, the calling thread).
 
     Example:
         >>> import numpy as np
@@ -497,8 +560,9 @@ class F16Quantile:
         True
     """
 
-    def __init__(self, n_units: int, q: float, total: int | None = None) -> None:
+    def __init__(self, n_units: int, q: float, total: int | None = None, workers: Workers | None = None) -> None:
         self.n_units, self.q = int(n_units), float(q)
+        self.workers = workers or Workers(1)
         self.total = None if total is None else int(total)
         self.hist = lazy_zeros((self.n_units, 65536), np.int32)
         self.coarse = np.zeros((self.n_units, 256), dtype=np.int64)
@@ -522,8 +586,8 @@ class F16Quantile:
         # with the total known, only its top_count largest values matter: the rest are skipped
         need = top_count(self.total, self.q) if self.total is not None else np.iinfo(np.int64).max
         if self.total is not None and not self.floor.all():
-            _prime_floors(bits, self.floor, need)
-        _histogram(bits, self.hist, self.coarse, self.floor, self.pending, self.nan, need)
+            self.workers.blocks(_prime_floors, c, 16, bits, self.floor, need)
+        self.workers.blocks(_histogram, c, 16, bits, self.hist, self.coarse, self.floor, self.pending, self.nan, need)
         self.count += bits.shape[2] * b
 
     def result(self) -> np.ndarray:
@@ -547,8 +611,8 @@ class F16Quantile:
 
 def tally_batch(acts: np.ndarray, thresholds: np.ndarray, seg: np.ndarray, n_planes: np.ndarray,
                 image_labels: np.ndarray, category_of: np.ndarray, n_categories: int,
-                geometry: Geometry, both: np.ndarray, act: np.ndarray, unit_pixels: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
+                geometry: Geometry, both: np.ndarray, act: np.ndarray, unit_pixels: np.ndarray,
+                workers: Workers | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Add one batch of one layer to the tallies (in place).
 
     Args:
@@ -561,6 +625,7 @@ def tally_batch(acts: np.ndarray, thresholds: np.ndarray, seg: np.ndarray, n_pla
         n_categories: ``K``.
         geometry: :class:`Geometry` of the layer.
         both: ``[C, n_labels]`` int64; act: ``[C, K]`` int64; unit_pixels: ``[C]`` int64.
+        workers: the threads (:class:`Workers`; default one, the calling thread).
 
     Returns:
         ``(sizes [B, C] int64, maxes [B, C] float64)``: the mask size and the maximum of each map.
@@ -570,10 +635,10 @@ def tally_batch(acts: np.ndarray, thresholds: np.ndarray, seg: np.ndarray, n_pla
     sizes = np.zeros((b, c), dtype=np.int64)
     maxes = np.empty((b, c), dtype=np.float64)
     thr = np.ascontiguousarray(thresholds, dtype=np.float64)
-    _tally(x, F16_TABLE, thr, threshold_bits(thr), seg,
-           np.ascontiguousarray(n_planes, dtype=np.int64), np.ascontiguousarray(image_labels, dtype=np.int64),
-           np.ascontiguousarray(category_of, dtype=np.int64), int(n_categories), *geometry.args(),
-           both, act, unit_pixels, sizes, maxes)
+    (workers or Workers(1)).blocks(
+        _tally, c, 8, x, F16_TABLE, thr, threshold_bits(thr), seg, np.ascontiguousarray(n_planes, dtype=np.int64),
+        np.ascontiguousarray(image_labels, dtype=np.int64), np.ascontiguousarray(category_of, dtype=np.int64),
+        int(n_categories), *geometry.args(), both, act, unit_pixels, sizes, maxes, SCAN_BLOCK)
     return sizes, maxes
 
 
@@ -595,7 +660,7 @@ def map_masks(maps: np.ndarray, thresholds: np.ndarray, units: np.ndarray, geome
     if x.shape[0]:
         thr = np.ascontiguousarray(thresholds, dtype=np.float64)
         _masks(x, F16_TABLE, thr, threshold_bits(thr), np.ascontiguousarray(units, dtype=np.int64),
-               *geometry.args(), out)
+               *geometry.args(), out, SCAN_BLOCK)
     return out
 
 

@@ -99,7 +99,7 @@ def auto_threads() -> int:
 
 def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: float, engine: str,
                device: Any, batch_size: int, top_k: int, progress: bool,
-               timings: dict[str, float] | None = None) -> dict[str, LayerPass]:
+               timings: dict[str, float] | None = None, threads: int = 1) -> dict[str, LayerPass]:
     """Both passes over ``names`` of ``store``; see the module docstring.
 
     Args:
@@ -113,76 +113,105 @@ def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: 
         top_k: top images kept per unit.
         progress: progress bars.
         timings: filled with the seconds of each pass (``thresholds``, ``tally``) when given.
+        threads: CPU threads of the ``cpu`` engine's kernels (:class:`~neurosem.dissect._kernels.Workers`).
     """
-    import time
-
-    from neurosem._progress import progress as bar
-    from neurosem.dissect.tally import tally_result
     from neurosem.dissect.topmaps import TopMaps
 
-    ds = labels.ds
-    n = store.n_done
-    n_batches = -(-n // batch_size)
     shapes = {name: store.shape(name) for name in names}
-    k_cat = len(ds.categories)
-    primary = np.asarray(ds.primary_category, dtype=np.int64)
     tops = {name: TopMaps(shapes[name][1], top_k, shapes[name][2:], np.dtype(store.dtype)) for name in names}
     timings = {} if timings is None else timings
-    t0 = time.perf_counter()
     if engine == "cpu":
-        thresholds = _thresholds_cpu(store, names, shapes, quantile, n, batch_size, n_batches, progress)
+        from neurosem.dissect._kernels import Workers
+
+        with Workers(threads) as workers:
+            thresholds, results = _passes_cpu(store, names, labels, quantile, batch_size, progress, timings,
+                                              workers, tops)
     else:
-        thresholds = _thresholds_torch(store, names, shapes, quantile, n, batch_size, n_batches, device,
-                                       progress)
-    timings["thresholds"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    gt = np.zeros(primary.shape[0], dtype=np.int64)
-    it = bar(store.iter_batches(list(names), batch_size), total=n_batches, desc="dissect: IoU",
-             enabled=progress, unit="batch")
-    if engine == "cpu":
-        from neurosem.dissect import _kernels as K
-
-        cat_of = np.where(primary < 0, k_cat, primary)
-        geo = {name: K.Geometry(shapes[name][2], shapes[name][3], *labels.size) for name in names}
-        both = {name: np.zeros((shapes[name][1], primary.shape[0]), dtype=np.int64) for name in names}
-        act = {name: np.zeros((shapes[name][1], k_cat), dtype=np.int64) for name in names}
-        pix = {name: np.zeros(shapes[name][1], dtype=np.int64) for name in names}
-        for start, batch in it:
-            b = next(iter(batch.values())).shape[0]
-            seg, n_planes, il = labels.batch(start, start + b)
-            gt += labels.counts(start, start + b, seg, il, primary)
-            for name in names:
-                sizes, maxes = K.tally_batch(batch[name], thresholds[name], seg, n_planes, il, cat_of, k_cat,
-                                             geo[name], both[name], act[name], pix[name])
-                tops[name].add(start, sizes, maxes, batch[name])
-        results = {name: tally_result(gt, both[name], act[name], pix[name], primary, n) for name in names}
-    else:
-        import torch
-
-        from neurosem.dissect.tally import Tally
-
-        tallies = {name: Tally(thresholds[name], primary, k_cat, device=device) for name in names}
-        sh, sw = labels.size
-        with torch.inference_mode():
-            for start, batch in it:
-                b = next(iter(batch.values())).shape[0]
-                seg, _, il = labels.batch(start, start + b)
-                seg_t = torch.from_numpy(seg.astype(np.int64)).view(b, -1, sh, sw)
-                lb = tallies[names[0]].labels(seg_t.to(device), torch.from_numpy(il).to(device))
-                for name in names:
-                    t = tallies[name]
-                    t.add(torch.from_numpy(batch[name]).to(device), lb)
-                    c = shapes[name][1]
-                    tops[name].add(start, t.last_sizes.view(b, c).cpu().numpy(),
-                                   t.last_maxes.double().cpu().numpy(), batch[name])
-        results = {name: tallies[name].result() for name in names}
-    timings["tally"] = time.perf_counter() - t0
+        thresholds, results = _passes_torch(store, names, labels, quantile, device, batch_size, progress,
+                                            timings, tops)
     return {name: LayerPass(threshold=thresholds[name], result=results[name], top=tops[name].result())
             for name in names}
 
 
+def _passes_cpu(store: Any, names: Sequence[str], labels: LabelSource, quantile: float, batch_size: int,
+                progress: bool, timings: dict[str, float], workers: Any, tops: dict) -> tuple[dict, dict]:
+    """Both passes with the compiled kernels: ``(thresholds, tally results)`` per layer."""
+    import time
+
+    from neurosem._progress import progress as bar
+    from neurosem.dissect import _kernels as K
+    from neurosem.dissect.tally import tally_result
+
+    ds, n = labels.ds, store.n_done
+    n_batches = -(-n // batch_size)
+    shapes = {name: store.shape(name) for name in names}
+    k_cat = len(ds.categories)
+    primary = np.asarray(ds.primary_category, dtype=np.int64)
+    t0 = time.perf_counter()
+    thresholds = _thresholds_cpu(store, names, shapes, quantile, n, batch_size, n_batches, progress, workers)
+    timings["thresholds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gt = np.zeros(primary.shape[0], dtype=np.int64)
+    cat_of = np.where(primary < 0, k_cat, primary)
+    geo = {name: K.Geometry(shapes[name][2], shapes[name][3], *labels.size) for name in names}
+    both = {name: np.zeros((shapes[name][1], primary.shape[0]), dtype=np.int64) for name in names}
+    act = {name: np.zeros((shapes[name][1], k_cat), dtype=np.int64) for name in names}
+    pix = {name: np.zeros(shapes[name][1], dtype=np.int64) for name in names}
+    for start, batch in bar(store.iter_batches(list(names), batch_size), total=n_batches, desc="dissect: IoU",
+                            enabled=progress, unit="batch"):
+        b = next(iter(batch.values())).shape[0]
+        seg, n_planes, il = labels.batch(start, start + b)
+        gt += labels.counts(start, start + b, seg, il, primary)
+        for name in names:
+            sizes, maxes = K.tally_batch(batch[name], thresholds[name], seg, n_planes, il, cat_of, k_cat,
+                                         geo[name], both[name], act[name], pix[name], workers=workers)
+            tops[name].add(start, sizes, maxes, batch[name])
+    results = {name: tally_result(gt, both[name], act[name], pix[name], primary, n) for name in names}
+    timings["tally"] = time.perf_counter() - t0
+    return thresholds, results
+
+
+def _passes_torch(store: Any, names: Sequence[str], labels: LabelSource, quantile: float, device: Any,
+                  batch_size: int, progress: bool, timings: dict[str, float], tops: dict) -> tuple[dict, dict]:
+    """Both passes with torch on ``device``: ``(thresholds, tally results)`` per layer."""
+    import time
+
+    import torch
+
+    from neurosem._progress import progress as bar
+    from neurosem.dissect.tally import Tally
+
+    ds, n = labels.ds, store.n_done
+    n_batches = -(-n // batch_size)
+    shapes = {name: store.shape(name) for name in names}
+    k_cat = len(ds.categories)
+    primary = np.asarray(ds.primary_category, dtype=np.int64)
+    t0 = time.perf_counter()
+    thresholds = _thresholds_torch(store, names, shapes, quantile, n, batch_size, n_batches, device, progress)
+    timings["thresholds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tallies = {name: Tally(thresholds[name], primary, k_cat, device=device) for name in names}
+    sh, sw = labels.size
+    with torch.inference_mode():
+        for start, batch in bar(store.iter_batches(list(names), batch_size), total=n_batches,
+                                desc="dissect: IoU", enabled=progress, unit="batch"):
+            b = next(iter(batch.values())).shape[0]
+            seg, _, il = labels.batch(start, start + b)
+            seg_t = torch.from_numpy(seg.astype(np.int64)).view(b, -1, sh, sw)
+            lb = tallies[names[0]].labels(seg_t.to(device), torch.from_numpy(il).to(device))
+            for name in names:
+                t = tallies[name]
+                t.add(torch.from_numpy(batch[name]).to(device), lb)
+                c = shapes[name][1]
+                tops[name].add(start, t.last_sizes.view(b, c).cpu().numpy(),
+                               t.last_maxes.double().cpu().numpy(), batch[name])
+    results = {name: tallies[name].result() for name in names}
+    timings["tally"] = time.perf_counter() - t0
+    return thresholds, results
+
+
 def _thresholds_cpu(store: Any, names: Sequence[str], shapes: dict, quantile: float, n: int,
-                    batch_size: int, n_batches: int, progress: bool) -> dict[str, np.ndarray]:
+                    batch_size: int, n_batches: int, progress: bool, workers: Any = None) -> dict[str, np.ndarray]:
     from neurosem._progress import progress as bar
     from neurosem.dissect._kernels import F16Quantile
 
@@ -193,7 +222,8 @@ def _thresholds_cpu(store: Any, names: Sequence[str], shapes: dict, quantile: fl
     else:
         out = {}
     if f16:
-        fq = {name: F16Quantile(shapes[name][1], quantile, total=n * shapes[name][2] * shapes[name][3])
+        fq = {name: F16Quantile(shapes[name][1], quantile, total=n * shapes[name][2] * shapes[name][3],
+                                workers=workers)
               for name in f16}
         for _, batch in bar(store.iter_batches(f16, batch_size), total=n_batches, desc="dissect: thresholds",
                             enabled=progress, unit="batch"):

@@ -148,11 +148,7 @@ def _set_threads(threads: int | None, engine: str) -> int:
     n = auto_threads() if threads is None else int(threads)
     if n < 1:
         raise NeurosemError(f"--threads must be >= 1, got {threads}")
-    if engine == "cpu":
-        from neurosem.dissect._kernels import set_threads
-
-        set_threads(n)
-    else:
+    if engine != "cpu":                  # the CPU kernels get their threads through run_passes
         import torch
 
         torch.set_num_threads(n)
@@ -292,7 +288,7 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
             timings["labels"] = time.perf_counter() - t0
             warm.join()
             passes = run_passes(store, todo, source, quantile, engine, dev, batch_size, top, progress,
-                                timings=timings)
+                                timings=timings, threads=n_threads)
             k_cat = len(ds.categories)
             for name in todo:
                 res = passes[name].result

@@ -160,3 +160,31 @@ def test_tally_with_negative_maps_and_rows():
     np.testing.assert_array_equal(act, ref.act.numpy())
     np.testing.assert_array_equal(maxes, acts.astype(np.float64).reshape(b, c, -1).max(2))
     np.testing.assert_array_equal(sizes, ref.last_sizes.view(b, c).numpy())
+
+
+def test_threads_give_the_same_tallies_and_thresholds_as_one():
+    """Workers hands blocks of 8 (tally) and 16 (quantile) units to the threads: 3 threads and
+    37 units (uneven blocks) must give exactly the one-thread numbers."""
+    rng = np.random.default_rng(11)
+    b, c, h, w, sh, sw, planes, n_labels, k = 5, 37, 6, 6, 24, 24, 2, 9, 3
+    acts = _acts(rng, b, c, h, w)
+    seg, il = _labels(rng, b, planes, sh, sw, n_labels)
+    seg = seg.reshape(b, planes, -1).astype(np.uint16)
+    primary = np.array([-1, 0, 0, 1, 1, 2, 2, 0, 1])
+    cat_of = np.where(primary < 0, k, primary)
+    out = []
+    for n in (1, 3):
+        with K.Workers(n) as workers:
+            fq = K.F16Quantile(c, 0.05, total=b * h * w, workers=workers)
+            fq.add(acts[:2])
+            fq.add(acts[2:])
+            thr = fq.result()
+            both, act, pix = np.zeros((c, n_labels), np.int64), np.zeros((c, k), np.int64), np.zeros(c, np.int64)
+            sizes, maxes = K.tally_batch(acts, thr, seg, np.full(b, planes), il, cat_of, k, K.Geometry(h, w, sh, sw),
+                                         both, act, pix, workers=workers)
+        out.append((thr, both, act, pix, sizes, maxes))
+    ref = np.quantile(acts.astype(np.float64).transpose(1, 0, 2, 3).reshape(c, -1), 0.95, axis=1)
+    np.testing.assert_array_equal(out[0][0], ref)
+    for one, three in zip(*out):
+        np.testing.assert_array_equal(one, three)
+    assert out[0][4].sum() > 0
