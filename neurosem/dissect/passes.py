@@ -99,7 +99,7 @@ def auto_threads() -> int:
 
 def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: float, engine: str,
                device: Any, batch_size: int, top_k: int, progress: bool,
-               timings: dict[str, float] | None = None) -> dict[str, LayerPass]:
+               timings: dict[str, float] | None = None, comm: Any = None) -> dict[str, LayerPass]:
     """Both passes over ``names`` of ``store``; see the module docstring.
 
     Args:
@@ -113,6 +113,8 @@ def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: 
         top_k: top images kept per unit.
         progress: progress bars.
         timings: filled with the seconds of each pass (``thresholds``, ``tally``) when given.
+        comm: under torchrun, the :class:`~neurosem.distributed.Comm`: each rank reads its share
+            of the batches and the statistics are merged exactly (:mod:`neurosem.dissect._dist`).
     """
     import time
 
@@ -122,7 +124,8 @@ def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: 
 
     ds = labels.ds
     n = store.n_done
-    n_batches = -(-n // batch_size)
+    lo, hi = (0, n) if comm is None else comm.shard(n, batch_size)   # this rank's images
+    n_batches = -(-(hi - lo) // batch_size)
     shapes = {name: store.shape(name) for name in names}
     k_cat = len(ds.categories)
     primary = np.asarray(ds.primary_category, dtype=np.int64)
@@ -130,14 +133,15 @@ def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: 
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
     if engine == "cpu":
-        thresholds = _thresholds_cpu(store, names, shapes, quantile, n, batch_size, n_batches, progress)
+        thresholds = _thresholds_cpu(store, names, shapes, quantile, n, batch_size, n_batches, progress,
+                                     comm, (lo, hi))
     else:
         thresholds = _thresholds_torch(store, names, shapes, quantile, n, batch_size, n_batches, device,
-                                       progress)
+                                       progress, comm, (lo, hi))
     timings["thresholds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     gt = np.zeros(primary.shape[0], dtype=np.int64)
-    it = bar(store.iter_batches(list(names), batch_size), total=n_batches, desc="dissect: IoU",
+    it = bar(store.iter_batches(list(names), batch_size, start=lo, stop=hi), total=n_batches, desc="dissect: IoU",
              enabled=progress, unit="batch")
     if engine == "cpu":
         from neurosem.dissect import _kernels as K
@@ -155,6 +159,10 @@ def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: 
                 sizes, maxes = K.tally_batch(batch[name], thresholds[name], seg, n_planes, il, cat_of, k_cat,
                                              geo[name], both[name], act[name], pix[name])
                 tops[name].add(start, sizes, maxes, batch[name])
+        if comm is not None:  # integer counts: summed exactly
+            gt = comm.sum(gt)
+            for name in names:
+                both[name], act[name], pix[name] = comm.sum(both[name]), comm.sum(act[name]), comm.sum(pix[name])
         results = {name: tally_result(gt, both[name], act[name], pix[name], primary, n) for name in names}
     else:
         import torch
@@ -175,37 +183,55 @@ def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: 
                     c = shapes[name][1]
                     tops[name].add(start, t.last_sizes.view(b, c).cpu().numpy(),
                                    t.last_maxes.double().cpu().numpy(), batch[name])
+        if comm is not None:
+            from neurosem.dissect._dist import merge_tally
+
+            for name in names:
+                merge_tally(comm, tallies[name])
         results = {name: tallies[name].result() for name in names}
     timings["tally"] = time.perf_counter() - t0
-    return {name: LayerPass(threshold=thresholds[name], result=results[name], top=tops[name].result())
-            for name in names}
+    top = {name: tops[name].result() for name in names}
+    if comm is not None:
+        from neurosem.dissect._dist import merge_tops
+
+        top = {name: merge_tops(comm.gather(top[name]), top_k) for name in names}
+    return {name: LayerPass(threshold=thresholds[name], result=results[name], top=top[name]) for name in names}
 
 
 def _thresholds_cpu(store: Any, names: Sequence[str], shapes: dict, quantile: float, n: int,
-                    batch_size: int, n_batches: int, progress: bool) -> dict[str, np.ndarray]:
+                    batch_size: int, n_batches: int, progress: bool, comm: Any = None,
+                    span: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     from neurosem._progress import progress as bar
     from neurosem.dissect._kernels import F16Quantile
 
     f16 = [name for name in names if np.dtype(store.dtype) == np.float16]
     other = [name for name in names if name not in f16]
     if other:          # float32 stores: the streaming top-k on torch's CPU
-        out = _thresholds_torch(store, other, shapes, quantile, n, batch_size, n_batches, "cpu", progress)
+        out = _thresholds_torch(store, other, shapes, quantile, n, batch_size, n_batches, "cpu", progress,
+                                comm, span)
     else:
         out = {}
     if f16:
         fq = {name: F16Quantile(shapes[name][1], quantile, total=n * shapes[name][2] * shapes[name][3])
               for name in f16}
-        for _, batch in bar(store.iter_batches(f16, batch_size), total=n_batches, desc="dissect: thresholds",
-                            enabled=progress, unit="batch"):
+        lo, hi = span or (0, n)
+        for _, batch in bar(store.iter_batches(f16, batch_size, start=lo, stop=hi), total=n_batches,
+                            desc="dissect: thresholds", enabled=progress, unit="batch"):
             for name in f16:
                 fq[name].add(batch[name])
+        if comm is not None:  # the histograms of float16 keys, summed
+            from neurosem.dissect._dist import merge_f16
+
+            for name in f16:
+                merge_f16(comm, fq[name])
         out.update({name: fq[name].result() for name in f16})
     _check_nan(out)
     return out
 
 
 def _thresholds_torch(store: Any, names: Sequence[str], shapes: dict, quantile: float, n: int,
-                      batch_size: int, n_batches: int, device: Any, progress: bool) -> dict[str, np.ndarray]:
+                      batch_size: int, n_batches: int, device: Any, progress: bool, comm: Any = None,
+                      span: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     import torch
 
     from neurosem._progress import progress as bar
@@ -213,12 +239,18 @@ def _thresholds_torch(store: Any, names: Sequence[str], shapes: dict, quantile: 
 
     tq = {name: TopQuantile(shapes[name][1], quantile, total=n * shapes[name][2] * shapes[name][3],
                             device=device) for name in names}
+    lo, hi = span or (0, n)
     with torch.inference_mode():
-        for _, batch in bar(store.iter_batches(list(names), batch_size), total=n_batches,
+        for _, batch in bar(store.iter_batches(list(names), batch_size, start=lo, stop=hi), total=n_batches,
                             desc="dissect: thresholds", enabled=progress, unit="batch"):
             for name in names:
                 tq[name].add(torch.from_numpy(batch[name]).to(device, non_blocking=True))
-    out = {name: tq[name].result().double().cpu().numpy() for name in names}
+    if comm is not None:  # the ranks' kept largest values, merged
+        from neurosem.dissect._dist import merge_top_quantile
+
+        out = {name: merge_top_quantile(comm, tq[name]) for name in names}
+    else:
+        out = {name: tq[name].result().double().cpu().numpy() for name in names}
     _check_nan(out)
     return out
 

@@ -35,7 +35,10 @@ def h5_differences(a: Path, b: Path, skip_attrs: Iterable[str] = PER_RUN) -> lis
                     out.append(f"{name}: {(x.shape, x.dtype, x.chunks)} vs {(y.shape, y.dtype, y.chunks)}")
                     continue
                 u, v = x[()], y[()]
-                same = (u.tobytes() == v.tobytes()) if isinstance(u, np.ndarray) else u == v
+                if isinstance(u, np.ndarray) and u.dtype.kind != "O":
+                    same = u.tobytes() == v.tobytes()       # bit for bit (NaN included)
+                else:
+                    same = np.asarray(u).tolist() == np.asarray(v).tolist()
                 if not same:
                     out.append(f"{name}: values differ")
     return out
