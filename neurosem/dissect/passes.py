@@ -141,7 +141,7 @@ def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: 
     timings["thresholds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     gt = np.zeros(primary.shape[0], dtype=np.int64)
-    it = bar(store.iter_batches(list(names), batch_size, start=lo, stop=hi), total=n_batches, desc="dissect: IoU",
+    it = bar(_batches(store, list(names), batch_size, lo, hi), total=n_batches, desc="dissect: IoU",
              enabled=progress, unit="batch")
     if engine == "cpu":
         from neurosem.dissect import _kernels as K
@@ -198,6 +198,14 @@ def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: 
     return {name: LayerPass(threshold=thresholds[name], result=results[name], top=top[name]) for name in names}
 
 
+def _batches(store: Any, names: Sequence[str], batch_size: int, lo: int, hi: int) -> Any:
+    """``store.iter_batches`` over images ``lo..hi`` (a rank's share; the whole store: no range,
+    which :class:`~neurosem.dissect.stream.ModelStream` also offers)."""
+    if (lo, hi) == (0, store.n_done):
+        return store.iter_batches(names, batch_size)
+    return store.iter_batches(names, batch_size, start=lo, stop=hi)
+
+
 def _thresholds_cpu(store: Any, names: Sequence[str], shapes: dict, quantile: float, n: int,
                     batch_size: int, n_batches: int, progress: bool, comm: Any = None,
                     span: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
@@ -215,7 +223,7 @@ def _thresholds_cpu(store: Any, names: Sequence[str], shapes: dict, quantile: fl
         fq = {name: F16Quantile(shapes[name][1], quantile, total=n * shapes[name][2] * shapes[name][3])
               for name in f16}
         lo, hi = span or (0, n)
-        for _, batch in bar(store.iter_batches(f16, batch_size, start=lo, stop=hi), total=n_batches,
+        for _, batch in bar(_batches(store, f16, batch_size, lo, hi), total=n_batches,
                             desc="dissect: thresholds", enabled=progress, unit="batch"):
             for name in f16:
                 fq[name].add(batch[name])
@@ -241,7 +249,7 @@ def _thresholds_torch(store: Any, names: Sequence[str], shapes: dict, quantile: 
                             device=device) for name in names}
     lo, hi = span or (0, n)
     with torch.inference_mode():
-        for _, batch in bar(store.iter_batches(list(names), batch_size, start=lo, stop=hi), total=n_batches,
+        for _, batch in bar(_batches(store, list(names), batch_size, lo, hi), total=n_batches,
                             desc="dissect: thresholds", enabled=progress, unit="batch"):
             for name in names:
                 tq[name].add(torch.from_numpy(batch[name]).to(device, non_blocking=True))
