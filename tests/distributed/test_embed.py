@@ -47,6 +47,7 @@ def test_two_processes_write_the_single_process_embedding(recorded, tmp_path):
     assert _config(one / "embedding.h5") == _config(two / "embedding.h5")
 
 
+@pytest.mark.slow
 def test_the_paper_trainer_is_refused_under_torchrun(recorded, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(recorded, run)
