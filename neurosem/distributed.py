@@ -16,7 +16,7 @@ in it).
 """
 from __future__ import annotations
 
-import hashlib
+import datetime
 import json
 import os
 import socket
@@ -32,6 +32,8 @@ import numpy as np
 from neurosem.errors import NeurosemError
 
 T = TypeVar("T")
+#: how long a rank waits in a collective for the others
+WAIT_HOURS = 4
 
 
 class ReportedOnRankZero(NeurosemError):
@@ -272,11 +274,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def fingerprint(args: Mapping[str, Any]) -> str:
-    """A short hash of JSON-serialisable arguments (what :meth:`Comm.check_same` compares)."""
-    return hashlib.sha1(json.dumps(dict(args), default=str, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def together(comm: "Comm | None") -> Any:
     """:meth:`Comm.together`, or a plain block for a single process (``comm`` None)."""
     import contextlib
@@ -300,7 +297,10 @@ def current(env: Mapping[str, str] | None = None) -> Comm | None:
         if torch.cuda.is_available() and dist.is_nccl_available():
             backend = "cpu:gloo,cuda:nccl"
             torch.cuda.set_device(world.local_rank % max(1, torch.cuda.device_count()))
-        dist.init_process_group(backend=backend)
+        # rank 0 alone builds the label cache, merges the record shards or writes the report while
+        # the others wait: longer than the default 30 minutes on a full Broden (a rank that dies is
+        # noticed by torchrun, which stops the others, not by this timeout)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=WAIT_HOURS))
     if dist.get_world_size() != world.size or dist.get_rank() != world.rank:
         raise NeurosemError(f"the process group ({dist.get_world_size()} ranks) does not match WORLD_SIZE="
                             f"{world.size}: initialise it from torchrun's environment")
