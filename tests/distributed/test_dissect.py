@@ -139,6 +139,7 @@ def test_two_processes_write_the_single_process_dissection(recorded, tiny_broden
             (two / "dissect" / name).read_text().replace(str(two), "")
 
 
+@pytest.mark.slow
 def test_dissect_arguments_that_differ_between_ranks(recorded, tiny_broden, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(recorded, run)

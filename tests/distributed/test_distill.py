@@ -1,9 +1,12 @@
 """distill under torchrun: refused (one line on rank 0, nothing written) until it trains with DDP."""
 from __future__ import annotations
 
+import pytest
+
 from tests.distributed._launch import error_lines, spawn
 
 
+@pytest.mark.slow
 def test_distill_is_refused_under_torchrun(tmp_path):
     argv = ["distill", "--student", "resnet8x4", "--method", "ce", "--data", f"cifar100:{tmp_path / 'cifar'}",
             "--run", str(tmp_path / "run"), "-q"]

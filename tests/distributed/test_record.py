@@ -79,6 +79,7 @@ def test_a_killed_rank_resumes_and_the_world_size_is_kept(one_process, tiny_brod
     assert h5_differences(one_process / "activations.h5", run / "activations.h5") == []
 
 
+@pytest.mark.slow
 def test_mismatched_arguments_and_a_run_not_shared(tiny_broden, tmp_path):
     base = ["record", MODEL, "--data", str(tiny_broden), "--workers", "0", "-q", "--layers", "relu1"]
     run = tmp_path / "run"
