@@ -2,10 +2,10 @@
 
 Every rank runs both passes over its contiguous share of the images; then
 
-- float16 thresholds: the ranks' histograms of float16 keys are summed (:func:`merge_f16`). Each
-  rank skips only values with at least ``top_count(N·H·W, q)`` larger ones of its own, so every
-  value the global quantile depends on is counted by its rank and the summed histogram gives the
-  single-process threshold bit for bit;
+- float16 thresholds: the ranks' histograms of float16 keys are summed where the quantile reads
+  them (:func:`merge_f16`). Each rank skips only values with at least ``top_count(N·H·W, q)``
+  larger ones of its own, so every value the global quantile depends on is counted by its rank
+  and the summed counts give the single-process threshold bit for bit;
 - other thresholds: the ranks' kept largest values are gathered and the quantile is taken from the
   merged top values (:func:`merge_top_quantile`), again exactly;
 - tallies: integer counts, summed (:meth:`~neurosem.distributed.Comm.sum`);
@@ -24,18 +24,28 @@ from neurosem.distributed import Comm
 def merge_f16(comm: Comm, fq: Any) -> None:
     """Sum the :class:`~neurosem.dissect._kernels.F16Quantile` ``fq`` over the ranks, in place.
 
-    Only the histogram columns from the lowest floor of any rank and unit upwards are summed: the
-    quantile lies at or above every rank's floor, and ``_ranked`` reads no column below its bucket.
+    The coarse counts (``[C, 256]``, by the key's high byte) are summed first; they tell, per unit,
+    the bucket of each of the two ranked values the quantile reads. Only those buckets' fine counts
+    (``[C, 2, 256]``) are summed then, not the whole ``[C, 65536]`` histogram: ``_ranked`` reads no
+    other fine count. Every value the quantile depends on lies at or above each rank's floor, so
+    each was counted by its rank.
     """
-    low = min(comm.gather(int(fq.floor.min()) if fq.floor.size else 0))
-    lo = (low >> 8) << 8
-    summed = comm.sum(fq.hist[:, lo:])
-    hist = np.zeros(fq.hist.shape, dtype=np.int64)
-    hist[:, lo:] = summed
-    fq.hist = hist
+    from neurosem.dissect._kernels import lazy_zeros
+    from neurosem.dissect.quantile import top_count
+
     fq.coarse = comm.sum(fq.coarse)
     fq.nan = comm.sum(fq.nan)
     fq.count = int(comm.sum(np.array([fq.count]))[0])
+    k = top_count(fq.count, fq.q)
+    ranks = (max(k - 1, 0), max(k - 2, 0))
+    cum = np.cumsum(fq.coarse[:, ::-1], axis=1)                   # counts from the top bucket down
+    buckets = np.stack([255 - np.where((cum > r).any(1), (cum > r).argmax(1), 255) for r in ranks], 1)
+    rows = np.arange(fq.n_units)[:, None, None]
+    cols = buckets[:, :, None] * 256 + np.arange(256)[None, None, :]   # [C, 2, 256]
+    fine = comm.sum(fq.hist[rows, cols])
+    hist = lazy_zeros(fq.hist.shape, np.int64)
+    hist[rows, cols] = fine
+    fq.hist = hist
 
 
 def merge_top_quantile(comm: Comm, tq: Any) -> np.ndarray:
