@@ -167,8 +167,6 @@ def _record_shard(job: Any, comm: Comm, lo: int, hi: int) -> None:
 
 def _merge(job: Any, world: int) -> None:
     """On rank 0: the complete shards, in rank order, into one ``activations.h5``; shards removed."""
-    import numpy as np
-
     from neurosem._progress import progress as bar
     from neurosem.store import ActivationStore
 
@@ -189,12 +187,12 @@ def _merge(job: Any, world: int) -> None:
         out = ActivationStore.create(path, shapes, n_images, prov, dtype=first.dtype, max_chunk_rows=rows)
         with out:
             step = max(1, MERGE_BYTES // max(1, out.row_bytes()))
-            pieces = [(st, a) for st in stores for a in range(0, st.n_done, step)]
-            for st, a in bar(pieces, total=len(pieces), desc="record: merge", enabled=job.progress, unit="piece"):
+            pieces = [(i, a) for i, st in enumerate(stores) for a in range(0, st.n_done, step)]
+            ids = [st.image_ids for st in stores]
+            for i, a in bar(pieces, total=len(pieces), desc="record: merge", enabled=job.progress, unit="piece"):
+                st = stores[i]
                 b = min(a + step, st.n_done)
-                acts = {name: st.read(name, a, b) for name in st.layers}
-                ids = np.asarray(st._f["image_ids"][a:b])
-                out.append(acts, [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in ids])
+                out.append({name: st.read(name, a, b) for name in st.layers}, ids[i][a:b])  # CRC checked
             out.mark_complete()
     finally:
         for st in stores:

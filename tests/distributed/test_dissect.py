@@ -151,3 +151,30 @@ def test_dissect_arguments_that_differ_between_ranks(recorded, tiny_broden, tmp_
         "rank 1); launch every rank with the same command"]
     assert error_lines(outs[1].stderr) == []
     assert not (run / "dissect.h5").exists() and not (run / "dissect").exists()
+
+
+def test_torch_tallies_summed_equal_one_tally():
+    import torch
+
+    from neurosem.dissect._dist import merge_tally
+    from neurosem.dissect.tally import Tally
+
+    rng = np.random.default_rng(3)
+    acts = torch.from_numpy(rng.standard_normal((9, 3, 4, 4)).astype(np.float32))
+    seg = torch.from_numpy(rng.integers(0, 4, (9, 1, 8, 8)))          # labels 1, 2 (cat 0), 3 (cat 1)
+    primary, thr = [-1, 0, 0, 1], torch.tensor([0.2, 0.5, 1.0])
+    one = Tally(thr, primary, 2)
+    one.add(acts, seg)
+    ref = one.result()
+
+    def rank(comm):
+        t = Tally(thr, primary, 2)
+        lo, hi = comm.shard(9, 2)
+        t.add(acts[lo:hi], seg[lo:hi])
+        merge_tally(comm, t)
+        return t.result()
+
+    for got in run_ranks(2, rank):
+        assert got.n_images == 9
+        for field in ("labels", "iou", "gt", "both", "act", "unit_pixels"):
+            assert np.asarray(getattr(got, field)).tobytes() == np.asarray(getattr(ref, field)).tobytes(), field

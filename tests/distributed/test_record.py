@@ -97,3 +97,32 @@ def test_mismatched_arguments_and_a_run_not_shared(tiny_broden, tmp_path):
                                                    "shared: rank 1 on ")
     assert error_lines(outs[1].stderr) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_plan_of_rank_zero(one_process, tiny_broden, tmp_path):
+    """A merge cut short is merged again; an unfinished single-process store is not taken over."""
+    import shutil
+
+    from neurosem._dist_record import _plan, shard_path
+    from neurosem.record import _job
+
+    def job(run):
+        return _job(MODEL, str(tiny_broden), run, ["relu1", "relu2"], "default", 5, "cpu", None, 0, False,
+                    None, None, "float16", None)
+
+    run = tmp_path / "cut"
+    run.mkdir()
+    shard = shard_path(run, 0, 2)
+    shard.write_bytes(b"a shard")
+    (run / "activations.h5").write_bytes(b"half a merge")
+    assert _plan(job(run), 2, force=False, repair=False) == "shards"
+    assert _files(run) == [shard.name]                      # the shards stay, the cut merge is gone
+    single = tmp_path / "single"
+    shutil.copytree(one_process, single)
+    assert _plan(job(single), 2, force=False, repair=False) == "done"   # complete: reused
+    with h5py.File(single / "activations.h5", "r+") as f:
+        f.attrs.modify("complete", False)
+        f.attrs.modify("n_done", 5)
+    with pytest.raises(NeurosemError, match="unfinished recording made by one process .5 of 12 images.: resume it "
+                                            "with the same command without torchrun"):
+        _plan(job(single), 2, force=False, repair=False)
