@@ -529,8 +529,8 @@ def main(argv: Sequence[str] | None = None) -> None:
               "(set NEUROSEM_DEBUG=1 for the traceback)", 1)
 
 
-def _stdout_of(quiet_rank: bool):
-    """Ranks > 0 of a torchrun launch write nothing to stdout (rank 0 prints the results)."""
+def _stdout_of(quiet_rank: bool) -> object:
+    """A context manager: on ranks > 0 of a torchrun launch nothing goes to stdout (rank 0 prints)."""
     import contextlib
     import os
 

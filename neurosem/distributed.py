@@ -25,11 +25,12 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 from neurosem.errors import NeurosemError
+
+if TYPE_CHECKING:  # pragma: no cover - numpy is imported by the collectives (the CLI imports this module)
+    import numpy as np
 
 T = TypeVar("T")
 #: how long a rank waits in a collective for the others
@@ -117,14 +118,17 @@ class Comm:
     # -- primitives ------------------------------------------------------------------------------
     def barrier(self) -> None:
         """Wait for every rank (a CPU all-reduce, which works with any backend)."""
+        import numpy as np
+
         self.sum(np.zeros(1, np.int64))
 
-    def sum(self, arr: np.ndarray, rows: int = 1 << 22) -> np.ndarray:
+    def sum(self, arr: "np.ndarray", rows: int = 1 << 22) -> "np.ndarray":
         """The element-wise sum of ``arr`` over the ranks (same shape and dtype on every rank).
 
         Integers are summed exactly in int64; large arrays go in pieces of about ``rows`` elements.
         Returns a new array of ``arr``'s shape (int64 for integers, float64 for floats).
         """
+        import numpy as np
         import torch
         import torch.distributed as dist
 
