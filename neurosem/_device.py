@@ -39,8 +39,8 @@ def gpu_driver_visible(platform: str | None = None, exists=os.path.exists) -> bo
 def resolve_device(spec: "str | torch.device | None" = "auto") -> "torch.device":
     """Turn ``auto``/``cpu``/``cuda``/``cuda:1``/``mps`` into a usable ``torch.device``.
 
-    ``auto`` picks CUDA when present, then MPS, else the CPU. Cached per spec: torch is asked once
-    per process.
+    ``auto`` picks CUDA when present, then MPS, else the CPU; under ``torchrun`` (``WORLD_SIZE`` > 1)
+    ``auto`` and ``cuda`` pick the GPU ``LOCAL_RANK``. Cached per spec: torch is asked once per process.
 
     Example:
         >>> resolve_device("cpu")
@@ -60,6 +60,12 @@ def _resolve(spec: str) -> "torch.device":
     """:func:`resolve_device` of a normalised spec string (errors are not cached: they raise again)."""
     import torch
 
+    if spec in ("auto", "cuda") and torch.cuda.is_available():
+        from neurosem.distributed import world_from_env
+
+        world = world_from_env()
+        if world.size > 1:  # under torchrun: this process's own GPU (LOCAL_RANK)
+            return torch.device("cuda", world.local_rank % torch.cuda.device_count())
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

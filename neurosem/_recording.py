@@ -49,10 +49,12 @@ class Job:
     prov: dict[str, Any]
     rd: "RunDir"
     tokens: int | None = None      # extra tokens of [B, T, D] outputs (None: detected)
+    store_path: Path | None = None  # where the store goes (None: the run's activations.h5)
+    meta: bool = True              # write the record entry of run.json (a rank's shard does not)
 
     @property
     def path(self) -> Path:
-        return self.rd.activations
+        return self.rd.activations if self.store_path is None else self.store_path
 
 
 @contextmanager
@@ -159,7 +161,8 @@ def record_from(job: Job, start: int) -> Path:
         nonfinite = sorted(writer.nonfinite)  # type: ignore[union-attr]
     except KeyboardInterrupt:
         done = _finish(writer, store)
-        job.rd.update_meta("record", {**job.prov, "activations": str(path), "complete": False, "n_done": done})
+        if job.meta:
+            job.rd.update_meta("record", {**job.prov, "activations": str(path), "complete": False, "n_done": done})
         print(f"\ninterrupted: {done} of {n_images} images are saved in {path}; "
               "rerun the same command to resume", file=sys.stderr)
         raise Interrupted() from None
@@ -170,7 +173,7 @@ def record_from(job: Job, start: int) -> Path:
         path.with_name(path.name + ".tmp").unlink(missing_ok=True)
         if created and done == 0:
             path.unlink(missing_ok=True)  # nothing saved: give all its space back
-        if path.exists():
+        if path.exists() and job.meta:
             try:
                 job.rd.update_meta("record", {**job.prov, "activations": str(path), "complete": False,
                                               "n_done": done})
@@ -187,7 +190,8 @@ def record_from(job: Job, start: int) -> Path:
         from neurosem.record import _nonfinite_warning
 
         print(_nonfinite_warning(path, nonfinite, job.dtype), file=sys.stderr)
-    job.rd.update_meta("record", {**job.prov, "activations": str(path), "complete": True, "n_done": n_images})
+    if job.meta:
+        job.rd.update_meta("record", {**job.prov, "activations": str(path), "complete": True, "n_done": n_images})
     return path
 
 

@@ -487,8 +487,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     cannot be read or written), 130 after Ctrl-C, 1 for an internal error.
     """
     args = list(argv) if argv is not None else sys.argv[1:]
+    from neurosem.distributed import ReportedOnRankZero, is_quiet_rank, session
+
+    quiet_rank = is_quiet_rank()  # ranks > 0 under torchrun: rank 0 prints (neurosem.distributed)
     try:
-        cli.main(args=args, prog_name="neurosem", standalone_mode=False)
+        with session(), _stdout_of(quiet_rank):
+            cli.main(args=args, prog_name="neurosem", standalone_mode=False)
+    except ReportedOnRankZero:
+        sys.exit(2)
     except NeurosemError as exc:
         _fail(str(exc), 2)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:
@@ -503,6 +509,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             exc.show()
             sys.exit(exc.exit_code)
         where = exc.ctx.command_path if exc.ctx is not None else "neurosem"
+        if quiet_rank:  # every rank parsed the same command line: rank 0 says it
+            sys.exit(exc.exit_code)
         _fail(f"{exc.format_message()} (see `{where} --help`)", exc.exit_code)
     except click.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code)
@@ -519,6 +527,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         text = " ".join(str(exc).split())
         _fail(f"internal error, please report it: {type(exc).__name__}: {text} "
               "(set NEUROSEM_DEBUG=1 for the traceback)", 1)
+
+
+def _stdout_of(quiet_rank: bool) -> object:
+    """A context manager: on ranks > 0 of a torchrun launch nothing goes to stdout (rank 0 prints)."""
+    import contextlib
+    import os
+
+    if not quiet_rank:
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(open(os.devnull, "w"))
 
 
 def _fail(message: str, code: int, prefix: str = "error: ") -> None:

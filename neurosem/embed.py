@@ -526,13 +526,26 @@ def embed(model: "str | None" = None, data: Any = None, run: "str | Path | None"
 
     from neurosem._device import resolve_device
     from neurosem._embed_train import ModelSource, StoreSource, train_fit, train_paper
+    from neurosem.distributed import current, together
     from neurosem.run import resolve_run
 
-    trainer, milestones, layer_list = _check_args(dim, trainer, epochs, batch_size, lr, momentum, weight_decay,
-                                                  milestones, temperature, max_steps, tol, layers)
-    dim = int(dim)
-    dev = resolve_device(device)
-    rd = resolve_run(run, getattr(model, "spec", model))
+    comm = current()  # under torchrun: P-bar from the ranks' shares, the fit on rank 0 (neurosem._dist_embed)
+    with together(comm):
+        trainer, milestones, layer_list = _check_args(dim, trainer, epochs, batch_size, lr, momentum,
+                                                      weight_decay, milestones, temperature, max_steps, tol, layers)
+        if comm is not None and (no_store or trainer != "fit"):
+            raise NeurosemError("under torchrun, embed runs --trainer fit on the stored activations: drop "
+                                "--no-store / --trainer paper, or run without torchrun")
+        dim = int(dim)
+        dev = resolve_device(device)
+        rd = resolve_run(run, getattr(model, "spec", model))
+    if comm is not None:
+        from neurosem._dist_embed import check_embed_args
+
+        check_embed_args(comm, str(rd.path), {"layers": layer_list, "dim": dim, "temperature": temperature,
+                                              "seed": seed, "max_steps": max_steps, "tol": tol,
+                                              "batch_size": batch_size, "model": str(model), "data": str(data)})
+        progress = progress and comm.main
     source = (ModelSource(model, data, layer_list, weights, batch_size, dev, progress) if no_store
               else StoreSource.for_run(rd, model, data, layer_list, weights, batch_size, dev, progress))
     try:
@@ -540,7 +553,16 @@ def embed(model: "str | None" = None, data: Any = None, run: "str | Path | None"
             if c < 2:
                 raise NeurosemError(f"layer {layer!r} has {c} unit; the embedding relates units to each other "
                                     "and needs >= 2 per layer: choose other --layers")
-        pbar = accumulate_pbar(source.batches(), source.n_units, temperature, dev, source.image_ids())
+        if comm is not None:
+            from neurosem._dist_embed import pbar_sharded
+
+            pbar = pbar_sharded(comm, source, temperature, dev)
+            if not comm.main:  # rank 0 fits and writes
+                source.close()
+                comm.barrier()
+                return rd.embedding
+        else:
+            pbar = accumulate_pbar(source.batches(), source.n_units, temperature, dev, source.image_ids())
         if trainer == "fit":
             result = train_fit(pbar, dim=dim, temperature=temperature, seed=seed, max_steps=max_steps, tol=tol,
                                device=dev, progress=progress)
@@ -571,6 +593,8 @@ def embed(model: "str | None" = None, data: Any = None, run: "str | Path | None"
                              "embedding": str(path), "final_loss": result.final_loss,
                              "layer_loss": {l: float(v[-1]) for l, v in result.layer_loss.items()},
                              "steps": int(result.history_step[-1]), "info": result.info})
+    if comm is not None:
+        comm.barrier()
     return path
 
 

@@ -319,6 +319,32 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
         >>> record("resnet18", "data/broden1_224", layers="layer3,layer4")  # doctest: +SKIP
         PosixPath('runs/resnet18/activations.h5')
     """
+    from neurosem.distributed import current, together
+
+    comm = current()  # under torchrun: the ranks record shards of the images (neurosem._dist_record)
+    with together(comm):  # a bad argument: one line on rank 0
+        job = _job(model, data, run, layers, weights, batch_size, device, limit, num_workers, progress,
+                   mean, std, dtype, tokens)
+    if comm is not None:
+        from neurosem._dist_record import record_sharded
+
+        return record_sharded(job, comm, force=force, repair=repair)
+    if not force:
+        from neurosem._dist_record import shard_files
+
+        worlds = sorted({w for _, w in shard_files(job.rd.path).values()})
+        if worlds:
+            raise NeurosemError(f"{job.rd.path} holds an unfinished recording made by {worlds[0]} processes: resume "
+                                f"it with `torchrun --nproc-per-node {worlds[0]} -m neurosem -- record ...`, or "
+                                "start over with --force")
+    with job.rd.lock("record"):  # held while the store is checked, created, renamed, written or deleted
+        return _record_locked(job, force=force, repair=repair)
+
+
+def _job(model: Any, data: Any, run: Any, layers: Any, weights: str, batch_size: int, device: Any,
+         limit: int | None, num_workers: int, progress: bool, mean: Any, std: Any, dtype: str,
+         tokens: int | None) -> Job:
+    """The checked arguments of :func:`record` as a :class:`Job` (nothing written yet)."""
     from neurosem._device import resolve_device
     from neurosem.run import resolve_run
 
@@ -348,11 +374,9 @@ def record(model: "str | LoadedModel", data: Any, run: "str | Path | None" = Non
             "dtype": dtype, "tokens": tokens, "batch_size": int(batch_size), "device": str(dev),
             "versions": _versions()}
 
-    job = Job(lm=lm, ds=ds, layers=layers, mean=mean, std=std, n_images=n_images,  # type: ignore[arg-type]
-              batch_size=int(batch_size), dev=dev, dtype=dtype, num_workers=num_workers, progress=progress,
-              prov=prov, rd=rd, tokens=tokens)
-    with rd.lock("record"):  # held while the store is checked, created, renamed, written or deleted
-        return _record_locked(job, force=force, repair=repair)
+    return Job(lm=lm, ds=ds, layers=layers, mean=mean, std=std, n_images=n_images,  # type: ignore[arg-type]
+               batch_size=int(batch_size), dev=dev, dtype=dtype, num_workers=num_workers, progress=progress,
+               prov=prov, rd=rd, tokens=tokens)
 
 
 def _record_locked(job: Job, force: bool, repair: bool) -> Path:

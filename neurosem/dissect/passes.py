@@ -99,7 +99,7 @@ def auto_threads() -> int:
 
 def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: float, engine: str,
                device: Any, batch_size: int, top_k: int, progress: bool,
-               timings: dict[str, float] | None = None, threads: int = 1) -> dict[str, LayerPass]:
+               timings: dict[str, float] | None = None, threads: int = 1, comm: Any = None) -> dict[str, LayerPass]:
     """Both passes over ``names`` of ``store``; see the module docstring.
 
     Args:
@@ -114,6 +114,8 @@ def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: 
         progress: progress bars.
         timings: filled with the seconds of each pass (``thresholds``, ``tally``) when given.
         threads: CPU threads of the ``cpu`` engine's kernels (:class:`~neurosem.dissect._kernels.Workers`).
+        comm: under torchrun, the :class:`~neurosem.distributed.Comm`: each rank reads its share
+            of the batches and the statistics are merged exactly (:mod:`neurosem.dissect._dist`).
     """
     from neurosem.dissect.topmaps import TopMaps
 
@@ -125,16 +127,29 @@ def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: 
 
         with Workers(threads) as workers:
             thresholds, results = _passes_cpu(store, names, labels, quantile, batch_size, progress, timings,
-                                              workers, tops)
+                                              workers, tops, comm)
     else:
         thresholds, results = _passes_torch(store, names, labels, quantile, device, batch_size, progress,
-                                            timings, tops)
-    return {name: LayerPass(threshold=thresholds[name], result=results[name], top=tops[name].result())
-            for name in names}
+                                            timings, tops, comm)
+    top = {name: tops[name].result() for name in names}
+    if comm is not None:
+        from neurosem.dissect._dist import merge_tops
+
+        top = {name: merge_tops(comm.gather(top[name]), top_k) for name in names}
+    return {name: LayerPass(threshold=thresholds[name], result=results[name], top=top[name]) for name in names}
+
+
+def _batches(store: Any, names: Sequence[str], batch_size: int, lo: int, hi: int) -> Any:
+    """``store.iter_batches`` over images ``lo..hi`` (a rank's share; the whole store: no range,
+    which :class:`~neurosem.dissect.stream.ModelStream` also offers)."""
+    if (lo, hi) == (0, store.n_done):
+        return store.iter_batches(names, batch_size)
+    return store.iter_batches(names, batch_size, start=lo, stop=hi)
 
 
 def _passes_cpu(store: Any, names: Sequence[str], labels: LabelSource, quantile: float, batch_size: int,
-                progress: bool, timings: dict[str, float], workers: Any, tops: dict) -> tuple[dict, dict]:
+                progress: bool, timings: dict[str, float], workers: Any, tops: dict,
+                comm: Any = None) -> tuple[dict, dict]:
     """Both passes with the compiled kernels: ``(thresholds, tally results)`` per layer."""
     import time
 
@@ -143,12 +158,14 @@ def _passes_cpu(store: Any, names: Sequence[str], labels: LabelSource, quantile:
     from neurosem.dissect.tally import tally_result
 
     ds, n = labels.ds, store.n_done
-    n_batches = -(-n // batch_size)
+    lo, hi = (0, n) if comm is None else comm.shard(n, batch_size)   # this rank's images
+    n_batches = -(-(hi - lo) // batch_size)
     shapes = {name: store.shape(name) for name in names}
     k_cat = len(ds.categories)
     primary = np.asarray(ds.primary_category, dtype=np.int64)
     t0 = time.perf_counter()
-    thresholds = _thresholds_cpu(store, names, shapes, quantile, n, batch_size, n_batches, progress, workers)
+    thresholds = _thresholds_cpu(store, names, shapes, quantile, n, batch_size, n_batches, progress, workers,
+                                 comm, (lo, hi))
     timings["thresholds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     gt = np.zeros(primary.shape[0], dtype=np.int64)
@@ -157,7 +174,7 @@ def _passes_cpu(store: Any, names: Sequence[str], labels: LabelSource, quantile:
     both = {name: np.zeros((shapes[name][1], primary.shape[0]), dtype=np.int64) for name in names}
     act = {name: np.zeros((shapes[name][1], k_cat), dtype=np.int64) for name in names}
     pix = {name: np.zeros(shapes[name][1], dtype=np.int64) for name in names}
-    for start, batch in bar(store.iter_batches(list(names), batch_size), total=n_batches, desc="dissect: IoU",
+    for start, batch in bar(_batches(store, list(names), batch_size, lo, hi), total=n_batches, desc="dissect: IoU",
                             enabled=progress, unit="batch"):
         b = next(iter(batch.values())).shape[0]
         seg, n_planes, il = labels.batch(start, start + b)
@@ -166,13 +183,18 @@ def _passes_cpu(store: Any, names: Sequence[str], labels: LabelSource, quantile:
             sizes, maxes = K.tally_batch(batch[name], thresholds[name], seg, n_planes, il, cat_of, k_cat,
                                          geo[name], both[name], act[name], pix[name], workers=workers)
             tops[name].add(start, sizes, maxes, batch[name])
+    if comm is not None:  # integer counts: summed exactly
+        gt = comm.sum(gt)
+        for name in names:
+            both[name], act[name], pix[name] = comm.sum(both[name]), comm.sum(act[name]), comm.sum(pix[name])
     results = {name: tally_result(gt, both[name], act[name], pix[name], primary, n) for name in names}
     timings["tally"] = time.perf_counter() - t0
     return thresholds, results
 
 
 def _passes_torch(store: Any, names: Sequence[str], labels: LabelSource, quantile: float, device: Any,
-                  batch_size: int, progress: bool, timings: dict[str, float], tops: dict) -> tuple[dict, dict]:
+                  batch_size: int, progress: bool, timings: dict[str, float], tops: dict,
+                  comm: Any = None) -> tuple[dict, dict]:
     """Both passes with torch on ``device``: ``(thresholds, tally results)`` per layer."""
     import time
 
@@ -182,18 +204,20 @@ def _passes_torch(store: Any, names: Sequence[str], labels: LabelSource, quantil
     from neurosem.dissect.tally import Tally
 
     ds, n = labels.ds, store.n_done
-    n_batches = -(-n // batch_size)
+    lo, hi = (0, n) if comm is None else comm.shard(n, batch_size)   # this rank's images
+    n_batches = -(-(hi - lo) // batch_size)
     shapes = {name: store.shape(name) for name in names}
     k_cat = len(ds.categories)
     primary = np.asarray(ds.primary_category, dtype=np.int64)
     t0 = time.perf_counter()
-    thresholds = _thresholds_torch(store, names, shapes, quantile, n, batch_size, n_batches, device, progress)
+    thresholds = _thresholds_torch(store, names, shapes, quantile, n, batch_size, n_batches, device, progress,
+                                   comm, (lo, hi))
     timings["thresholds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tallies = {name: Tally(thresholds[name], primary, k_cat, device=device) for name in names}
     sh, sw = labels.size
     with torch.inference_mode():
-        for start, batch in bar(store.iter_batches(list(names), batch_size), total=n_batches,
+        for start, batch in bar(_batches(store, list(names), batch_size, lo, hi), total=n_batches,
                                 desc="dissect: IoU", enabled=progress, unit="batch"):
             b = next(iter(batch.values())).shape[0]
             seg, _, il = labels.batch(start, start + b)
@@ -205,37 +229,51 @@ def _passes_torch(store: Any, names: Sequence[str], labels: LabelSource, quantil
                 c = shapes[name][1]
                 tops[name].add(start, t.last_sizes.view(b, c).cpu().numpy(),
                                t.last_maxes.double().cpu().numpy(), batch[name])
+    if comm is not None:
+        from neurosem.dissect._dist import merge_tally
+
+        for name in names:
+            merge_tally(comm, tallies[name])
     results = {name: tallies[name].result() for name in names}
     timings["tally"] = time.perf_counter() - t0
     return thresholds, results
 
 
 def _thresholds_cpu(store: Any, names: Sequence[str], shapes: dict, quantile: float, n: int,
-                    batch_size: int, n_batches: int, progress: bool, workers: Any = None) -> dict[str, np.ndarray]:
+                    batch_size: int, n_batches: int, progress: bool, workers: Any = None, comm: Any = None,
+                    span: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     from neurosem._progress import progress as bar
     from neurosem.dissect._kernels import F16Quantile
 
     f16 = [name for name in names if np.dtype(store.dtype) == np.float16]
     other = [name for name in names if name not in f16]
     if other:          # float32 stores: the streaming top-k on torch's CPU
-        out = _thresholds_torch(store, other, shapes, quantile, n, batch_size, n_batches, "cpu", progress)
+        out = _thresholds_torch(store, other, shapes, quantile, n, batch_size, n_batches, "cpu", progress,
+                                comm, span)
     else:
         out = {}
     if f16:
         fq = {name: F16Quantile(shapes[name][1], quantile, total=n * shapes[name][2] * shapes[name][3],
                                 workers=workers)
               for name in f16}
-        for _, batch in bar(store.iter_batches(f16, batch_size), total=n_batches, desc="dissect: thresholds",
-                            enabled=progress, unit="batch"):
+        lo, hi = span or (0, n)
+        for _, batch in bar(_batches(store, f16, batch_size, lo, hi), total=n_batches,
+                            desc="dissect: thresholds", enabled=progress, unit="batch"):
             for name in f16:
                 fq[name].add(batch[name])
+        if comm is not None:  # the histograms of float16 keys, summed
+            from neurosem.dissect._dist import merge_f16
+
+            for name in f16:
+                merge_f16(comm, fq[name])
         out.update({name: fq[name].result() for name in f16})
     _check_nan(out)
     return out
 
 
 def _thresholds_torch(store: Any, names: Sequence[str], shapes: dict, quantile: float, n: int,
-                      batch_size: int, n_batches: int, device: Any, progress: bool) -> dict[str, np.ndarray]:
+                      batch_size: int, n_batches: int, device: Any, progress: bool, comm: Any = None,
+                      span: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     import torch
 
     from neurosem._progress import progress as bar
@@ -243,12 +281,18 @@ def _thresholds_torch(store: Any, names: Sequence[str], shapes: dict, quantile: 
 
     tq = {name: TopQuantile(shapes[name][1], quantile, total=n * shapes[name][2] * shapes[name][3],
                             device=device) for name in names}
+    lo, hi = span or (0, n)
     with torch.inference_mode():
-        for _, batch in bar(store.iter_batches(list(names), batch_size), total=n_batches,
+        for _, batch in bar(_batches(store, list(names), batch_size, lo, hi), total=n_batches,
                             desc="dissect: thresholds", enabled=progress, unit="batch"):
             for name in names:
                 tq[name].add(torch.from_numpy(batch[name]).to(device, non_blocking=True))
-    out = {name: tq[name].result().double().cpu().numpy() for name in names}
+    if comm is not None:  # the ranks' kept largest values, merged
+        from neurosem.dissect._dist import merge_top_quantile
+
+        out = {name: merge_top_quantile(comm, tq[name]) for name in names}
+    else:
+        out = {name: tq[name].result().double().cpu().numpy() for name in names}
     _check_nan(out)
     return out
 

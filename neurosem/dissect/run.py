@@ -213,25 +213,40 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
     from neurosem.dissect.passes import run_passes
     from neurosem.dissect.report import LayerDissection, load_dissection, write_dissection
     from neurosem.dissect.tally import best_labels
+    from neurosem.distributed import current, together
     from neurosem.run import resolve_run
     from neurosem.store import ActivationStore
 
     timings: dict[str, float] = {}
-    _check_args(quantile, iou_threshold, batch_size)
-    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or int(top) < 1:
-        raise NeurosemError(f"--top {top}: the number of images per unit must be >= 1 (default {TOP_IMAGES})")
+    comm = current()  # under torchrun: each rank tallies a share of the images, rank 0 writes
+    with together(comm):
+        _check_args(quantile, iou_threshold, batch_size)
+        if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or int(top) < 1:
+            raise NeurosemError(f"--top {top}: the number of images per unit must be >= 1 (default {TOP_IMAGES})")
+        if comm is not None and no_store:
+            raise NeurosemError("--no-store runs in one process: record the activations under torchrun "
+                                "(`neurosem record`), then dissect them there, or drop torchrun")
     top = int(top)
+    main = comm is None or comm.main
+    progress = progress and main
     if isinstance(layers, str):
         layers = [x.strip() for x in layers.split(",") if x.strip()]
     layers = list(layers) if layers else None
     # the compiled kernels and matplotlib load in the background while the data is opened and
     # while the kernels run (they release the GIL)
     warm = _load_kernels_in_background()
-    ds = _open_broden(broden, categories)
-    engine, dev = choose_engine(device)
-    n_threads = _set_threads(threads, engine)
-    spec = getattr(model, "spec", model)
-    rd = resolve_run(run, spec)
+    with together(comm):
+        ds = _open_broden(broden, categories)
+        engine, dev = choose_engine(device)
+        n_threads = _set_threads(threads, engine)
+        spec = getattr(model, "spec", model)
+        rd = resolve_run(run, spec)
+    if comm is not None:
+        comm.check_shared_dir(rd.path)
+        comm.check_same("dissect", {"run": str(rd.path), "broden": str(ds.root), "layers": layers,
+                                    "quantile": float(quantile), "iou_threshold": float(iou_threshold),
+                                    "categories": list(ds.categories), "batch_size": int(batch_size),
+                                    "top": top, "report": bool(report)})
     if no_store:
         from neurosem.dissect.stream import ModelStream
 
@@ -279,16 +294,22 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
                 print(f"{rd.dissection} was made with other arguments ({_describe_diff(_key(old.args), _key(args))}); "
                       "recomputing", file=sys.stderr)
         todo = [name for name in names if name not in reuse]
+        if comm is not None:
+            comm.barrier()  # every rank has read the old dissect.h5 before rank 0 replaces it
 
         computed: dict[str, Any] = {}
         labels = None
         if todo:
             t0 = time.perf_counter()
+            if comm is not None and not main:
+                comm.barrier()  # rank 0 builds the label cache first, the others read it
             source = _labels(ds, label_cache, progress)
+            if comm is not None and main:
+                comm.barrier()
             timings["labels"] = time.perf_counter() - t0
             warm.join()
             passes = run_passes(store, todo, source, quantile, engine, dev, batch_size, top, progress,
-                                timings=timings, threads=n_threads)
+                                timings=timings, threads=n_threads, comm=comm)
             k_cat = len(ds.categories)
             for name in todo:
                 res = passes[name].result
@@ -316,9 +337,15 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
         args["layers"] = order
         label_names = [ds.label_names[int(i)] for i in numbers]
         label_cats = [ds.categories[int(ds.primary_category[int(i)])] for i in numbers]
-        write_dissection(rd.dissection, args, ds.fingerprint(), numbers, label_names, label_cats, gt,
-                         ds.categories, all_layers)
+        if main:
+            write_dissection(rd.dissection, args, ds.fingerprint(), numbers, label_names, label_cats, gt,
+                             ds.categories, all_layers)
 
+    if not main:  # rank 0 writes the reports
+        comm.barrier()
+        dis = load_dissection(rd.dissection)
+        dis.outputs = comm.broadcast(None)
+        return dis
     dis = load_dissection(rd.dissection)
     t0 = time.perf_counter()
     warm.join()                     # the report's masks use the kernels too (also when nothing was computed)
@@ -328,7 +355,11 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
     dis.outputs = {"dissection": str(rd.dissection), **outputs}
     rd.update_meta("dissect", {**args, "device": str(dev), "engine": engine, "threads": n_threads,
                                "seconds": dis.timings,
-                               "batch_size": int(batch_size), "outputs": dis.outputs})
+                               "batch_size": int(batch_size), "outputs": dis.outputs,
+                               **({} if comm is None else {"world_size": comm.size})})
+    if comm is not None:
+        comm.barrier()
+        comm.broadcast(dis.outputs)
     return dis
 
 

@@ -253,8 +253,14 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
     """
     from neurosem._device import resolve_device
     from neurosem._progress import progress as bar
+    from neurosem.distributed import current, together
     from neurosem.run import RunDir
 
+    comm = current()
+    if comm is not None:  # refused before anything is written (one line, on rank 0)
+        with together(comm):
+            raise NeurosemError("distill does not run under torchrun yet (no DistributedDataParallel training): "
+                                "run `neurosem distill ...` as one process")
     spec = M.get(method)   # an unknown name lists the closest ones
     protocol = protocol or default_protocol(method)
     if protocol not in PROTOCOLS:
