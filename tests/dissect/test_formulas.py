@@ -244,3 +244,69 @@ def test_bad_options_are_one_line(tmp_path, synthetic_broden):
 def test_exhaustive_count():
     assert len(all_formulas([1, 2, 3], 2)) == 3 + 3 * 2 * 3
     assert len(all_formulas([1, 2, 3], 3)) == 3 + 18 + 18 * 3
+
+
+# ------------------------------------------------------------------ the random baseline, the command line
+class TinyConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        with torch.no_grad():                      # "trained": unit k detects colour channel k
+            self.conv.weight.zero_()
+            for k in range(3):
+                self.conv.weight[k, k, 1, 1] = 1.0
+            self.conv.bias.fill_(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def tiny_model():
+    from neurosem.models import LoadedModel
+
+    return LoadedModel(model=TinyConv().eval(), spec="tiny-conv", weights="set", mean=(0.0, 0.0, 0.0),
+                       std=(1.0, 1.0, 1.0), input_size=(3, 32, 32), default_layers=["conv"])
+
+
+def test_random_baseline_is_dissected_beside(tmp_path, tiny_broden):
+    from neurosem.dissect import dissect, load_dissection
+    from neurosem.dissect.explain import random_model, report_lines
+
+    lm = tiny_model()
+    a, b = random_model(lm, {}), random_model(lm, {})
+    assert torch.equal(a.model.conv.weight, b.model.conv.weight)             # seeded: the same every time
+    assert not torch.equal(a.model.conv.weight, lm.model.conv.weight) and a.weights == "random"
+    dis = dissect(run=tmp_path / "run", broden=tiny_broden, model=lm, quantile=0.05, device="cpu",
+                  batch_size=8, progress=False, report=False, baseline="random")
+    base = load_dissection(tmp_path / "run" / "baseline-random")
+    doc = json.loads((tmp_path / "run" / "dissect" / "baseline_random.json").read_text())
+    d = doc["layers"]["conv"]
+    assert d["units"] == 4 and d["model"]["interpretable"] == int(dis.interpretable("conv").sum())
+    assert d["random"]["interpretable"] == int(base.interpretable("conv").sum())
+    assert d["random"]["by_category"] == base.counts("conv")
+    assert not np.array_equal(base.iou("conv"), dis.iou("conv"))
+    assert report_lines(dis)[-1] == (f"  conv: {d['random']['interpretable']}/4 units interpretable "
+                                     f"(the model: {d['model']['interpretable']})")
+    assert dis.outputs["baseline"] == str(base.path)
+
+
+def test_command_line_formulas(tmp_path, explained, synthetic_broden):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from neurosem.cli import cli
+
+    run, _ = explained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    res = CliRunner().invoke(cli, ["dissect", "--run", str(copy), "--broden", str(synthetic_broden), "--quantile",
+                                   str(QUANTILE), "--formulas", "2", "--min-images", "1", "--permutations", "4",
+                                   "--no-report", "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "formulas and significance:" in res.output
+    assert "units: 2 interpretable, 0 after Benjamini-Hochberg at 0.05 (4 permutations)" in res.output
+    rows = _rows(copy, "units")
+    assert rows[1]["formula"] in {"tree AND NOT forest", "green AND NOT forest"} and rows[1]["p_value"] == "0.200000"
+    bad = CliRunner().invoke(cli, ["dissect", "--run", str(copy), "--broden", str(synthetic_broden), "--beam", "0"])
+    assert bad.exit_code == 2 and "--beam" in bad.output
