@@ -33,7 +33,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from neurosem.dissect._kernels import HAVE_NUMBA
 from neurosem.errors import NeurosemError
+
+if HAVE_NUMBA:
+    from numba import njit
 
 AND, OR, AND_NOT = 1, 2, 3
 OP_NAMES = {AND: "AND", OR: "OR", AND_NOT: "AND NOT"}
@@ -227,46 +231,154 @@ def set_bincount(sets: np.ndarray, n_labels: int) -> np.ndarray:
     return out
 
 
+def formula_polynomial(f: tuple) -> dict[frozenset, int]:
+    """The indicator of formula ``f`` as a sum of conjunctions of its labels,
+    ``{labels: coefficient}`` (``A OR B = A + B - AB``, ``A AND NOT B = A - AB``); exact in integers.
+
+    Example:
+        >>> sorted((sorted(k), v) for k, v in formula_polynomial((1, OR, 2, AND_NOT, 3)).items())
+        [([1], 1), ([1, 2], -1), ([1, 2, 3], 1), ([1, 3], -1), ([2], 1), ([2, 3], -1)]
+    """
+    poly: dict[frozenset, int] = {frozenset([f[0]]): 1}
+    for op, lab in zip(f[1::2], f[2::2]):
+        prod: dict[frozenset, int] = {}
+        for key, c in poly.items():
+            k2 = key | {lab}
+            prod[k2] = prod.get(k2, 0) + c
+        if op == AND:
+            poly = prod
+        else:
+            out = dict(poly)
+            if op == OR:
+                out[frozenset([lab])] = out.get(frozenset([lab]), 0) + 1
+            for key, c in prod.items():
+                out[key] = out.get(key, 0) - c
+            poly = {k: v for k, v in out.items() if v}
+    return poly
+
+
+if HAVE_NUMBA:
+    @njit(cache=True, nogil=True)
+    def _conjunction(sets, images, s, need, co):  # pragma: no cover - compiled
+        """Rows of images ``images`` (``s`` rows each) of ``sets [n, K]`` that carry every label of
+        ``need``: their count, and into ``co`` the count of each label on them."""
+        size = 0
+        k_n = sets.shape[1]
+        for ii in range(images.shape[0]):
+            base = images[ii] * s
+            for r in range(base, base + s):
+                ok = True
+                for q in range(need.shape[0]):
+                    found = False
+                    for k in range(k_n):
+                        if sets[r, k] == need[q]:
+                            found = True
+                            break
+                    if not found:
+                        ok = False
+                        break
+                if ok:
+                    size += 1
+                    for k in range(k_n):
+                        co[sets[r, k]] += 1
+        return size
+
+
+    @njit(cache=True, nogil=True)
+    def _cooccurrence(sets, co):  # pragma: no cover - compiled
+        """``co[a, b] += 1`` for every row of ``sets [n, K]`` (deduplicated) carrying labels ``a`` and ``b``
+        (``a == b``: the label's own count)."""
+        k_n = sets.shape[1]
+        for r in range(sets.shape[0]):
+            for i in range(k_n):
+                a = sets[r, i]
+                if a == 0:
+                    continue
+                for j in range(k_n):
+                    b = sets[r, j]
+                    if b != 0:
+                        co[a, b] += 1
+
+
+def cooccurrence(table: LabelTable) -> np.ndarray:
+    """``[n_labels, n_labels]`` int64: pixels carrying both labels (the diagonal: each label's
+    pixels), one scan of the table."""
+    co = np.zeros((table.n_labels, table.n_labels), dtype=np.int64)
+    if HAVE_NUMBA:
+        _cooccurrence(table.sets, co)
+    else:  # pragma: no cover - numba is a dependency
+        k = table.sets.shape[1]
+        for i in range(k):
+            for j in range(k):
+                a, b = table.sets[:, i].astype(np.int64), table.sets[:, j].astype(np.int64)
+                keep = (a > 0) & (b > 0)
+                co += np.bincount(a[keep] * table.n_labels + b[keep],
+                                  minlength=table.n_labels ** 2).reshape(co.shape)
+    co[0, :] = 0
+    co[:, 0] = 0
+    return co
+
+
 class FormulaStats:
     """``|F|`` and ``|F ∧ L|`` for every label ``L``, per formula (cached; unit-independent).
 
-    Computed on the images where ``F`` can hold (its first label's images; ``OR`` adds the other
-    label's, ``AND`` keeps the common ones), ``chunk`` pixels at a time.
+    A formula is a sum of conjunctions of its labels (:func:`formula_polynomial`); each
+    conjunction's counts are one scan of the pixels of the images holding all its labels (compiled;
+    cached: the formulas of all units share them), ``chunk`` pixels at a time without numba.
     """
 
     def __init__(self, table: LabelTable, chunk: int = 1 << 20) -> None:
         self.table, self.chunk = table, int(chunk)
         self.cache: dict[tuple, tuple[int, np.ndarray]] = {}
+        self.conjunctions: dict[frozenset, tuple[int, np.ndarray]] = {}
         self.computed = 0
+        self._co: np.ndarray | None = None
 
-    def support(self, f: tuple) -> np.ndarray:
-        imgs = self.table.images_of[f[0]]
-        for op, lab in zip(f[1::2], f[2::2]):
-            other = self.table.images_of[lab]
-            if op == OR:
-                imgs = np.union1d(imgs, other)
-            elif op == AND:
-                imgs = np.intersect1d(imgs, other, assume_unique=True)
-        return imgs
+    def conjunction(self, labels: frozenset) -> tuple[int, np.ndarray]:
+        """``(|∧S|, [n_labels] |∧S ∧ L|)`` of a set of labels ``S``."""
+        hit = self.conjunctions.get(labels)
+        if hit is not None:
+            return hit
+        t = self.table
+        need = np.array(sorted(labels), dtype=np.int64)
+        if need.size == 1:                  # single labels: rows of the co-occurrence matrix
+            if self._co is None:
+                self._co = cooccurrence(t)
+            hit = (int(self._co[need[0], need[0]]), self._co[need[0]].copy())
+            self.conjunctions[labels] = hit
+            return hit
+        imgs = t.images_of[int(need[0])]
+        for lab in need[1:]:
+            imgs = np.intersect1d(imgs, t.images_of[int(lab)], assume_unique=True)
+        co = np.zeros(t.n_labels, dtype=np.int64)
+        if HAVE_NUMBA:
+            size = int(_conjunction(t.sets, imgs.astype(np.int64), t.pixels, need, co))
+        else:  # pragma: no cover - numba is a dependency
+            size = 0
+            s = t.pixels
+            step = max(1, self.chunk // s)
+            ar = np.arange(s, dtype=np.int64)
+            for k in range(0, imgs.shape[0], step):
+                rows = t.sets[(imgs[k:k + step, None] * s + ar).reshape(-1)]
+                m = np.ones(rows.shape[0], dtype=bool)
+                for lab in need:
+                    m &= (rows == lab).any(1)
+                size += int(m.sum())
+                co += np.bincount(rows[m].reshape(-1).astype(np.int64), minlength=t.n_labels)
+        co[0] = 0
+        self.conjunctions[labels] = (size, co)
+        return size, co
 
     def get(self, f: tuple) -> tuple[int, np.ndarray]:
         """``(|F|, [n_labels] |F ∧ L|)``."""
         hit = self.cache.get(f)
         if hit is not None:
             return hit
-        t = self.table
-        s = t.pixels
-        size, co = 0, np.zeros(t.n_labels, dtype=np.int64)
-        imgs = self.support(f)
-        step = max(1, self.chunk // s)
-        ar = np.arange(s, dtype=np.int64)
-        for k in range(0, imgs.shape[0], step):
-            idx = (imgs[k:k + step, None] * s + ar).reshape(-1)
-            rows = t.sets[idx]
-            m = evaluate(f, rows)
-            size += int(m.sum())
-            co += np.bincount(rows[m].reshape(-1).astype(np.int64), minlength=t.n_labels)
-        co[0] = 0
+        size, co = 0, np.zeros(self.table.n_labels, dtype=np.int64)
+        for key, c in formula_polynomial(f).items():
+            n, v = self.conjunction(key)
+            size += c * n
+            co += c * v
         self.cache[f] = (size, co)
         self.computed += 1
         return size, co
