@@ -98,6 +98,7 @@ def test_identity_pairing_is_the_dissection(tmp_path, synthetic_broden):
     """The label statistic without permutation is the dissection's IoU, column for column."""
     from neurosem.data.broden import BrodenDataset
     from neurosem.dissect import dissect
+    from neurosem.dissect._kernels import Geometry, map_masks
     from neurosem.dissect.formulas import unit_points
     from neurosem.dissect.passes import LabelSource
     from neurosem.store import ActivationStore
@@ -112,7 +113,12 @@ def test_identity_pairing_is_the_dissection(tmp_path, synthetic_broden):
     with ActivationStore.open(tmp_path / "run" / "activations.h5") as st:
         for layer in dis.layers:
             pts = unit_points(st, layer, dis.threshold(layer, exact=True), tuple(ds.seg_size), batch_size=5)
+            acts = st.read(layer)
+            n, c, h, w = acts.shape
+            masks = map_masks(acts.reshape(n * c, h, w), dis.threshold(layer, exact=True), np.tile(np.arange(c), n),
+                              Geometry(h, w, *ds.seg_size)).reshape(n, c, -1)
             for u, p in enumerate(pts):
+                assert p.tolist() == np.flatnonzero(masks[:, u]).tolist()         # the kernels' masks
                 got = label_ious(t, p, t.raw[p], dis.label_numbers)
                 np.testing.assert_allclose(got, dis.iou(layer)[u], rtol=1e-6, atol=1e-7)
 
