@@ -112,16 +112,16 @@ def build_label_table(source: Any, n_images: int, primary: np.ndarray, n_categor
     gt[0] = 0
     label_size = np.bincount(sets.reshape(-1).astype(np.int64), minlength=n_labels)
     label_size[0] = 0
-    owner = np.repeat(np.arange(n_images, dtype=np.int64), s)
-    codes = np.unique(owner[:, None] * n_labels + sets.astype(np.int64))
-    lab, im = codes % n_labels, codes // n_labels
-    keep = lab > 0
-    lab, im = lab[keep], im[keep]
-    image_count = np.bincount(lab, minlength=n_labels)
-    order = np.argsort(lab, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(image_count)])
-    images_sorted = im[order]
-    images_of = [images_sorted[bounds[k]:bounds[k + 1]] for k in range(n_labels)]
+    present = np.zeros((n_images, n_labels), dtype=bool)          # [N, n_labels] label in image
+    step = max(1, (1 << 22) // max(1, s * sets.shape[1]))
+    for a in range(0, n_images, step):
+        b = min(n_images, a + step)
+        block = sets[a * s:b * s].astype(np.int64)
+        codes = np.repeat(np.arange(b - a, dtype=np.int64) * n_labels, s)[:, None] + block
+        present[a:b] = np.bincount(codes.reshape(-1), minlength=(b - a) * n_labels).reshape(b - a, n_labels) > 0
+    present[:, 0] = False
+    image_count = present.sum(0).astype(np.int64)
+    images_of = [np.flatnonzero(present[:, k]).astype(np.int64) for k in range(n_labels)]
     category_of = np.where(primary < 0, n_categories, primary).astype(np.int64)
     return LabelTable(raw=raw, sets=sets, seg_size=(sh, sw), n_images=int(n_images), n_labels=n_labels,
                       n_categories=int(n_categories), image_count=image_count, label_size=label_size,
