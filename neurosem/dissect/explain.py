@@ -82,7 +82,7 @@ def explain_layers(store: Any, names: Sequence[str], source: Any, ds: Any, thres
     from neurosem._progress import progress as bar
     from neurosem.dissect.formulas import (FormulaStats, beam_search, build_label_table, candidate_labels,
                                            formula_string, unit_points)
-    from neurosem.dissect.significance import benjamini_hochberg, permutations, unit_pvalues
+    from neurosem.dissect.significance import benjamini_hochberg, label_ious, permutations, unit_pvalues
 
     options.check()
     n = store.n_done
@@ -109,7 +109,8 @@ def explain_layers(store: Any, names: Sequence[str], source: Any, ds: Any, thres
                 pv = unit_pvalues(table, stats, p, perms, cols, cands, int(options.formulas), int(options.beam))
                 row.update(p_value=pv["p_formula"], iou_label=pv["iou_label"], p_value_label=pv["p_label"])
             else:
-                row.update(iou_label=None, p_value_label=None)
+                iou = label_ious(table, p, table.raw[p], cols)
+                row.update(iou_label=float(iou.max()) if iou.size else 0.0, p_value_label=None)
             res.rows.append(row)
         keep = np.asarray(best_iou[layer]) >= np.float32(iou_threshold)
         res.interpretable = int(keep.sum())

@@ -71,6 +71,20 @@ def dedup_rows(rows: np.ndarray) -> np.ndarray:
     return s
 
 
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def memory_bytes() -> int:
+    """The machine's physical memory in bytes (0 when unknown)."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def build_label_table(source: Any, n_images: int, primary: np.ndarray, n_categories: int,
                       batch_size: int = 64) -> LabelTable:
     """The :class:`LabelTable` of images ``0 .. n_images - 1`` from a
@@ -84,6 +98,16 @@ def build_label_table(source: Any, n_images: int, primary: np.ndarray, n_categor
     s = sh * sw
     n_labels = int(primary.shape[0])
     dtype = np.uint16 if n_labels <= 65535 else np.int32
+    ds = getattr(source, "ds", None)
+    if ds is not None:
+        width = int(getattr(ds, "max_planes", 1)) + int(getattr(ds, "max_image_labels", 0))
+        need = 2 * n_images * s * max(1, width) * np.dtype(dtype).itemsize
+        have = memory_bytes()
+        if have and need > 0.75 * have:
+            raise NeurosemError(
+                f"the label table of {n_images} images at {sh}x{sw} needs about {_size(need)}, more than "
+                f"this machine's memory allows ({_size(have)}): explain the units on fewer images "
+                "(record them with --limit N) or on a machine with more memory")
     parts, widths = [], []
     for start in range(0, n_images, batch_size):
         stop = min(n_images, start + batch_size)

@@ -310,3 +310,31 @@ def test_command_line_formulas(tmp_path, explained, synthetic_broden):
     assert rows[1]["formula"] in {"tree AND NOT forest", "green AND NOT forest"} and rows[1]["p_value"] == "0.200000"
     bad = CliRunner().invoke(cli, ["dissect", "--run", str(copy), "--broden", str(synthetic_broden), "--beam", "0"])
     assert bad.exit_code == 2 and "--beam" in bad.output
+
+
+def test_a_table_too_large_for_memory_is_one_line(synthetic_broden, monkeypatch):
+    from neurosem.data.broden import BrodenDataset
+    from neurosem.dissect import label_table
+    from neurosem.dissect.passes import LabelSource
+
+    ds = BrodenDataset(synthetic_broden)
+    monkeypatch.setattr(label_table, "memory_bytes", lambda: 10 ** 6)
+    with pytest.raises(NeurosemError, match=r"the label table of 48 images at 32x32 needs about 1 MB, more than this machine's memory allows \(1 MB\).*--limit N"):
+        build_label_table(LabelSource(ds, None), len(ds), np.asarray(ds.primary_category), len(ds.categories))
+
+
+def test_without_permutations_the_label_iou_is_still_given(tmp_path, explained, synthetic_broden):
+    import shutil
+
+    from neurosem.dissect import dissect
+
+    run, dis = explained
+    shutil.copytree(run, tmp_path / "run")
+    again = dissect(run=tmp_path / "run", broden=synthetic_broden, layers=["units"], quantile=QUANTILE,
+                    device="cpu", progress=False, report=False, formulas=2, min_images=1, permutations=0)
+    rows = _rows(tmp_path / "run", "units")
+    assert [r["p_value"] for r in rows] == ["", "", ""] and [r["p_value_label"] for r in rows] == ["", "", ""]
+    best_iou = again.best("units")[1]
+    assert [float(r["iou_label"]) for r in rows] == pytest.approx(best_iou.tolist(), rel=1e-6, abs=1e-7)
+    doc = json.loads((tmp_path / "run" / "dissect" / "units_formulas.json").read_text())
+    assert doc["interpretable_bh"] is None and doc["options"]["formulas"] == 2
