@@ -65,7 +65,6 @@ def main() -> None:
                         str(broden), "--run", str(run), "--layers", "layer4", "--quiet"], check=True)
     dis = dissect(run=run, broden=broden, layers=["layer4"], device="cpu", progress=False, report=False)
     ds = BrodenDataset(broden)
-    source = LabelSource(ds, None)
     from neurosem.data.label_cache import open_label_cache
 
     source = LabelSource(ds, open_label_cache(ds, progress=False))

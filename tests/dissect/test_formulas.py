@@ -338,3 +338,15 @@ def test_without_permutations_the_label_iou_is_still_given(tmp_path, explained, 
     assert [float(r["iou_label"]) for r in rows] == pytest.approx(best_iou.tolist(), rel=1e-6, abs=1e-7)
     doc = json.loads((tmp_path / "run" / "dissect" / "units_formulas.json").read_text())
     assert doc["interpretable_bh"] is None and doc["options"]["formulas"] == 2
+
+
+def test_no_store_gives_the_same_formulas(tmp_path, explained, synthetic_broden):
+    from neurosem.dissect import dissect
+
+    run, _ = explained
+    dissect(run=tmp_path / "run", broden=synthetic_broden, model=formula_model(), layers=["units"], quantile=QUANTILE,
+            device="cpu", batch_size=16, progress=False, report=False, no_store=True, formulas=3, min_images=1,
+            permutations=0)
+    assert not (tmp_path / "run" / "activations.h5").exists()
+    got = [(r["formula"], r["iou_formula"]) for r in _rows(tmp_path / "run", "units")]
+    assert got == [(r["formula"], r["iou_formula"]) for r in _rows(run, "units")]
