@@ -78,17 +78,24 @@ def main() -> None:
         t_masks = time.perf_counter() - t0
     cands = candidate_labels(table, args.min_images)
     stats = FormulaStats(table)
+    per_unit = np.zeros(len(pts))
     t0 = time.perf_counter()
-    for p in pts:
+    for u, p in enumerate(pts):
+        a, s0 = time.perf_counter(), stats.seconds
         beam_search(table.sets[p], stats, cands, 3, 5)
+        per_unit[u] = time.perf_counter() - a - (stats.seconds - s0)       # the unit's own work
     t_search = time.perf_counter() - t0
+    t_scan = stats.seconds
     n_formula_stats = stats.computed
     perms = permutations(n, args.permutations, seed=0)
     pick = np.argsort([-p.size for p in pts])[::max(1, len(pts) // max(1, args.p_units))][:args.p_units]
-    t0 = time.perf_counter()
-    for u in pick:
+    p_unit = np.zeros(len(pick))
+    scan_before = stats.seconds
+    for k, u in enumerate(pick):
+        a, s0 = time.perf_counter(), stats.seconds
         unit_pvalues(table, stats, pts[u], perms, dis.label_numbers, cands, 3, 5)
-    t_p = (time.perf_counter() - t0) / max(1, len(pick))
+        p_unit[k] = time.perf_counter() - a - (stats.seconds - s0)
+    t_p = (p_unit.sum() + stats.seconds - scan_before) / max(1, len(pick))
 
     points = np.array([p.size for p in pts])
     scale = BRODEN_IMAGES / n
@@ -110,6 +117,16 @@ def main() -> None:
     print(f"  formulas (table + masks + search): {total * scale / 60:8.1f} min "
           f"({units / (t_search * scale):.2f} formulas/s)")
     print(f"  p-values, R = {args.permutations}, all units: {t_p * units * scale / 3600:8.1f} h")
+    # a fixed cost per unit plus a cost per mask pixel (least squares over the units): only the
+    # second grows with the images; the table scans (formula counts) grow with the images too
+    fit = np.polyfit(points, per_unit, 1)
+    fit_p = np.polyfit(points[pick], p_unit, 1) if len(pick) > 1 else np.array([p_unit.mean() / max(1, points[pick].mean()), 0.0])
+    search_fit = units * max(fit[1], 0.0) + max(fit[0], 0.0) * points.sum() * scale + t_scan * scale
+    p_fit = units * max(fit_p[1], 0.0) + max(fit_p[0], 0.0) * points.sum() * scale
+    print(f"  fitted instead (per unit {fit[1] * 1e3:.2f} ms + {fit[0] * 1e9:.1f} ns per mask pixel; only the pixels "
+          f"and the table scans ({t_scan:.2f} s here) grow with the images):")
+    print(f"    formulas: {(t_table + t_masks) * scale / 60 + search_fit / 60:8.1f} min; p-values, R = "
+          f"{args.permutations}: {p_fit / 3600:8.1f} h (per unit {fit_p[1]:.3f} s + {fit_p[0] * 1e6:.2f} us per pixel)")
     print(f"  label table in memory: {table.raw.nbytes * 2 * scale / 1e9:.0f} GB (raw + sets)")
 
 

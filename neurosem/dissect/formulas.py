@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from neurosem.dissect.label_table import (LabelTable, build_label_table, conjunction_counts,  # noqa: F401
-                                          cooccurrence, dedup_rows, unit_points)
+                                          cooccurrence, dedup_rows, formula_counts, unit_points)
 
 AND, OR, AND_NOT = 1, 2, 3
 OP_NAMES = {AND: "AND", OR: "OR", AND_NOT: "AND NOT"}
@@ -121,12 +121,16 @@ class FormulaStats:
         self.conjunctions: dict[frozenset, tuple[int, np.ndarray]] = {}
         self.computed = 0
         self._co: np.ndarray | None = None
+        self.seconds = 0.0          # spent scanning the table (co-occurrence and conjunctions)
 
     def conjunction(self, labels: frozenset) -> tuple[int, np.ndarray]:
         """``(|∧S|, [n_labels] |∧S ∧ L|)`` of a set of labels ``S``."""
         hit = self.conjunctions.get(labels)
         if hit is not None:
             return hit
+        import time
+
+        t0 = time.perf_counter()
         if len(labels) == 1:                # single labels: rows of the co-occurrence matrix
             if self._co is None:
                 self._co = cooccurrence(self.table)
@@ -135,6 +139,7 @@ class FormulaStats:
         else:
             hit = conjunction_counts(self.table, sorted(labels), self.chunk)
         self.conjunctions[labels] = hit
+        self.seconds += time.perf_counter() - t0
         return hit
 
     def get(self, f: tuple) -> tuple[int, np.ndarray]:
@@ -203,8 +208,7 @@ def beam_search(sets: np.ndarray, stats: FormulaStats, candidates: np.ndarray, l
             free = cand[~used]
             if free.size == 0:
                 continue
-            mask = evaluate(f, sets)
-            mfl = set_bincount(sets[mask], t.n_labels)[free]                      # |M ∧ F ∧ L|
+            mfl = formula_counts(sets, f, t.n_labels)[1][free]                    # |M ∧ F ∧ L|
             fsz, fl_all = stats.get(f)
             fl = fl_all[free]
             inter = {AND: mfl, OR: mf + ml[free] - mfl, AND_NOT: mf - mfl}

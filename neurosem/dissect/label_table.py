@@ -305,6 +305,55 @@ def cooccurrence(table: LabelTable) -> np.ndarray:
     return co
 
 
+if HAVE_NUMBA:
+    @njit(cache=True, nogil=True)
+    def _formula_counts(sets, labels, ops, co):  # pragma: no cover - compiled
+        """Rows of ``sets [n, K]`` where the left-deep formula ``labels[0] ops[1] labels[1] ...``
+        holds (ops: 1 AND, 2 OR, 3 AND NOT): their count, and into ``co`` each label's count on them."""
+        k_n = sets.shape[1]
+        size = 0
+        for r in range(sets.shape[0]):
+            m = False
+            for q in range(labels.shape[0]):
+                x = False
+                for k in range(k_n):
+                    if sets[r, k] == labels[q]:
+                        x = True
+                        break
+                if q == 0:
+                    m = x
+                elif ops[q] == 1:
+                    m = m and x
+                elif ops[q] == 2:
+                    m = m or x
+                else:
+                    m = m and not x
+            if m:
+                size += 1
+                for k in range(k_n):
+                    co[sets[r, k]] += 1
+        return size
+
+
+def formula_counts(sets: np.ndarray, f: tuple, n_labels: int) -> tuple[int, np.ndarray]:
+    """``(rows where formula f holds, [n_labels] labels on them)`` of deduplicated rows ``sets [n, K]``
+    (label 0 zeroed); one compiled pass."""
+    labels = np.array((f[0],) + tuple(f[2::2]), dtype=np.int64)
+    ops = np.array((0,) + tuple(f[1::2]), dtype=np.int64)
+    co = np.zeros(n_labels, dtype=np.int64)
+    if HAVE_NUMBA:
+        size = int(_formula_counts(sets, labels, ops, co))
+    else:  # pragma: no cover - numba is a dependency
+        m = (sets == labels[0]).any(1)
+        for op, lab in zip(ops[1:], labels[1:]):
+            x = (sets == lab).any(1)
+            m = m & x if op == 1 else (m | x if op == 2 else m & ~x)
+        size = int(m.sum())
+        co = np.bincount(sets[m].reshape(-1).astype(np.int64), minlength=n_labels)
+    co[0] = 0
+    return size, co
+
+
 def conjunction_counts(table: LabelTable, labels: Sequence[int], chunk: int = 1 << 20) -> tuple[int, np.ndarray]:
     """``(|∧S|, [n_labels] |∧S ∧ L|)``: the rows carrying every label of ``labels`` (a scan of the
     images that hold them all)."""

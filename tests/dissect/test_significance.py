@@ -92,6 +92,9 @@ def test_permuted_counts_equal_the_plain_pairing(tables):
                                rtol=1e-12)
     np.testing.assert_allclose(label_ious(t, points, t.raw[points], cols), plain_netdissect(plain, t, mask, cols),
                                rtol=1e-12)
+    shuffled = rng.permutation(points)                         # not sorted by image: the same numbers
+    np.testing.assert_array_equal(label_ious(t, shuffled, t.raw[shuffled], cols),
+                                  label_ious(t, points, t.raw[points], cols))
 
 
 def test_identity_pairing_is_the_dissection(tmp_path, synthetic_broden):
