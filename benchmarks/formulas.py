@@ -14,7 +14,9 @@ float16), dissected at q = 0.005. Measured, in this process, after one warm-up d
 Extrapolation to ResNet18 layer4 on Broden (63,305 images, 512 units, 1,197 labels): every cost
 here grows in proportion to the label pixels it visits, which grow with the number of images (a
 unit's mask holds q of its upsampled pixels on every image; a formula's pixels are its labels'
-pixels), so the times are scaled by ``63,305 / images``; the units are the same 512. This assumes
+pixels), so the times are scaled by ``63,305 / images``; the units are the same 512. A second,
+fitted estimate splits each unit's time into a fixed part and a part per mask pixel (least squares
+over the units) and scales only the latter and the table scans with the images. Both assume
 Broden's labels are as dense per image as the synthetic ones (4 pixel planes + 2 image labels per
 image); Broden has more labels, so more candidates per beam step (a vector of ``candidates`` IoUs
 per formula and op: a small cost next to the bincounts over mask pixels).
