@@ -256,12 +256,24 @@ def record(model: str, data: str, layers: tuple[str, ...], run: str | None, weig
 @click.option("--no-store", is_flag=True,
               help="Run MODEL on the images in each of the two passes instead of writing activations.h5 "
                    "(no disk for the activations; one more forward pass, cheap on a GPU).")
+@click.option("--formulas", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
+              help="Explain every unit by the best formula of up to N labels (AND, OR, AND NOT; beam "
+                   "search, Mu & Andreas 2020) -> dissect/<layer>_formulas.csv/json. 0: none; 3 as in the paper.")
+@click.option("--beam", default=5, show_default=True, type=click.IntRange(min=1), help="Beam width of the formula search.")
+@click.option("--min-images", default=10, show_default=True, type=click.IntRange(min=1),
+              help="A label is a formula candidate when it occurs in at least this many images.")
+@click.option("--permutations", default=None, type=click.IntRange(min=0), metavar="R",
+              help="Permutation p-value of every unit's best label (and formula) from R pairings of masks and "
+                   "labels of other images; Benjamini-Hochberg at 5% [default: 100 with --formulas, else 0].")
+@click.option("--baseline", type=click.Choice(["random"]), default=None,
+              help="Also dissect the same architecture with random weights on the same images (the control).")
 @_device_option
 @_quiet_option
 def dissect(model: str | None, broden: str, run: str | None, layers: tuple[str, ...], weights: str,
             quantile: float, iou_threshold: float, categories: tuple[str, ...], batch_size: int,
             top: int, no_report: bool, threads: int | None, label_cache: str | None, as_json: bool,
-            no_store: bool, device: str, quiet: bool) -> None:
+            no_store: bool, formulas: int, beam: int, min_images: int, permutations: int | None,
+            baseline: str | None, device: str, quiet: bool) -> None:
     """NetDissect: IoU of every unit against every Broden concept.
 
     Records the activations first when the run has none. Writes dissect.h5, dissect/<layer>.csv,
@@ -274,19 +286,25 @@ def dissect(model: str | None, broden: str, run: str | None, layers: tuple[str, 
       neurosem dissect --run runs/resnet18 --broden data/broden1_224 --no-report --json
       neurosem dissect --run runs/resnet18 --broden data/broden1_224 --threads 1   (a busy machine)
       neurosem dissect resnet18 --broden data/broden1_224 --no-store               (no activations.h5)
+      neurosem dissect resnet18 --broden data/broden1_224 --layers layer4 --formulas 3 --permutations 100
+      neurosem dissect resnet18 --broden data/broden1_224 --layers layer4 --baseline random
     """
     from neurosem.dissect import dissect as run_dissect
 
     result = run_dissect(run=run, broden=broden, model=model, layers=_split(layers), quantile=quantile,
                          iou_threshold=iou_threshold, categories=_split(categories), device=device,
                          batch_size=batch_size, weights=weights, progress=not quiet, top=top,
-                         report=not no_report, threads=threads, label_cache=label_cache, no_store=no_store)
+                         report=not no_report, threads=threads, label_cache=label_cache, no_store=no_store,
+                         formulas=formulas, beam=beam, min_images=min_images, permutations=permutations,
+                         baseline=baseline)
     if as_json:
         from neurosem.dissect.report import summary_json
 
         click.echo(summary_json(result))
     else:
-        click.echo(str(result))
+        from neurosem.dissect.explain import report_lines
+
+        click.echo("\n".join([str(result)] + report_lines(result)))
 
 
 @cli.command(context_settings=CONTEXT, short_help="Learn a semantic vector per neuron (paper eq. 1).")

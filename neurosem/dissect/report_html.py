@@ -260,9 +260,12 @@ class UnitTiles:
 
 
 def write_layer_html(path: Path, dis: Dissection, layer: str, thumbs: dict[int, np.ndarray],
-                     tiles: Sequence[UnitTiles], image_ids: Sequence[str], thumb_px: int) -> Path:
+                     tiles: Sequence[UnitTiles], image_ids: Sequence[str], thumb_px: int,
+                     formulas: Any = None) -> Path:
     """One self-contained page for a layer: units sorted by IoU, each with its label, IoU and top
-    images (thresholded mask over each), and the interpretable units per category."""
+    images (thresholded mask over each), and the interpretable units per category. ``formulas``
+    (a :class:`~neurosem.dissect.explain.LayerExplanation`): each unit's formula and its p-values
+    are shown beside the label."""
     best, best_iou = dis.best(layer)
     keep = dis.interpretable(layer)
     counts = dis.counts(layer)
@@ -286,7 +289,8 @@ def write_layer_html(path: Path, dis: Dissection, layer: str, thumbs: dict[int, 
         label, cat, iou = dis.unit_label(layer, int(u))
         cls = "unit" if keep[u] else "unit dim"
         parts.append(f"<div class='{cls}' id='u{u}'><div class='cap'><b>unit {u}</b> &middot; "
-                     f"{html.escape(label)} ({html.escape(cat)}) &middot; IoU <span class='iou'>{iou:.3f}</span></div>")
+                     f"{html.escape(label)} ({html.escape(cat)}) &middot; IoU <span class='iou'>{iou:.3f}</span>"
+                     f"{_formula_caption(formulas, int(u))}</div>")
         t = tiles[u]
         for img in t.images:
             title = html.escape(image_ids[img]) if 0 <= img < len(image_ids) else str(img)
@@ -298,6 +302,21 @@ def write_layer_html(path: Path, dis: Dissection, layer: str, thumbs: dict[int, 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(parts), encoding="utf-8")
     return path
+
+
+def _formula_caption(formulas: Any, unit: int) -> str:
+    """`` · p 0.010 · formula F (IoU 0.123, single 0.100, p 0.010)`` of a unit (empty without)."""
+    if formulas is None or unit >= len(formulas.rows):
+        return ""
+    r = formulas.rows[unit]
+    out = ""
+    if r.get("p_value_label") is not None:
+        out += f" &middot; p <span class='iou'>{r['p_value_label']:.3f}</span>"
+    if r.get("iou_formula") is not None:
+        p = f", p {r['p_value']:.3f}" if r.get("p_value") is not None else ""
+        out += (f"<br>formula: <b>{html.escape(r['formula'])}</b> (IoU <span class='iou'>{r['iou_formula']:.3f}"
+                f"</span>; best single {html.escape(r['single'])} {r['iou_single']:.3f}{p})")
+    return out
 
 
 def layer_html_name(layer: str) -> str:

@@ -176,7 +176,9 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
             quantile: float = 0.005, iou_threshold: float = 0.04, categories: Sequence[str] | None = None,
             device: str = "auto", batch_size: int = 64, weights: str = "default",
             progress: bool = True, top: int = TOP_IMAGES, report: bool = True, threads: int | None = None,
-            label_cache: Any = None, no_store: bool = False) -> "Dissection":
+            label_cache: Any = None, no_store: bool = False, formulas: int = 0, beam: int = 5,
+            min_images: int = 10, permutations: int | None = None, seed: int = 0,
+            baseline: str | None = None) -> "Dissection":
     """NetDissect every unit of ``layers`` against the Broden concepts.
 
     Args:
@@ -200,6 +202,14 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
         no_store: run the model on the Broden images in each pass instead of reading (or writing)
             ``activations.h5`` (:class:`~neurosem.dissect.stream.ModelStream`): no disk for the
             activations, one more forward pass.
+        formulas: explain every unit by the best formula of up to this many labels (0: none;
+            :mod:`neurosem.dissect.explain`), writing ``dissect/<layer>_formulas.csv`` and ``.json``.
+        beam: the formula search's beam width; min_images: a label is a formula candidate when it
+            occurs in at least this many images.
+        permutations: R, the permutation p-values of every unit's best label (and formula)
+            (default: 100 with ``formulas``, else 0: none); seed: of the permutations.
+        baseline: ``"random"``: also dissect the same architecture with random weights on the same
+            images (into ``<run>/baseline-random``); its counts are reported beside the model's.
 
     Returns:
         The :class:`~neurosem.dissect.report.Dissection` read back from ``dissect.h5``, with
@@ -221,11 +231,22 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
     comm = current()  # under torchrun: each rank tallies a share of the images, rank 0 writes
     with together(comm):
         _check_args(quantile, iou_threshold, batch_size)
+        from neurosem.dissect.explain import ExplainOptions, check_baseline
+
+        explain = ExplainOptions(formulas=int(formulas), beam=int(beam), min_images=int(min_images),
+                                 permutations=(100 if formulas else 0) if permutations is None else int(permutations),
+                                 seed=int(seed))
+        explain.check()
+        check_baseline(baseline, model)
         if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or int(top) < 1:
             raise NeurosemError(f"--top {top}: the number of images per unit must be >= 1 (default {TOP_IMAGES})")
         if comm is not None and no_store:
             raise NeurosemError("--no-store runs in one process: record the activations under torchrun "
                                 "(`neurosem record`), then dissect them there, or drop torchrun")
+        if comm is not None and (explain.formulas or explain.permutations or baseline):
+            raise NeurosemError("--formulas, --permutations and --baseline run in one process: dissect under "
+                                "torchrun, then run `neurosem dissect --formulas ...` once without it "
+                                "(the dissection is reused)")
     top = int(top)
     main = comm is None or comm.main
     progress = progress and main
@@ -337,9 +358,18 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
         args["layers"] = order
         label_names = [ds.label_names[int(i)] for i in numbers]
         label_cats = [ds.categories[int(ds.primary_category[int(i)])] for i in numbers]
+        explained: dict[str, Any] = {}
         if main:
             write_dissection(rd.dissection, args, ds.fingerprint(), numbers, label_names, label_cats, gt,
                              ds.categories, all_layers)
+            if explain.formulas or explain.permutations:
+                from neurosem.dissect.explain import run_explain
+
+                t0 = time.perf_counter()
+                source = source if todo else _labels(ds, label_cache, progress)
+                explained, formula_csvs = run_explain(store, names, ds, source, all_layers, numbers, iou_threshold,
+                                                      explain, rd.dissect_dir, progress)
+                timings["formulas"] = time.perf_counter() - t0
 
     if not main:  # rank 0 writes the reports
         comm.barrier()
@@ -349,10 +379,20 @@ def dissect(run: Any = None, broden: Any = ..., model: Any = None, layers: Seque
     dis = load_dissection(rd.dissection)
     t0 = time.perf_counter()
     warm.join()                     # the report's masks use the kernels too (also when nothing was computed)
-    outputs = _write_reports(rd, dis, ds, engine, dev, report, progress, label_cache)
+    outputs = _write_reports(rd, dis, ds, engine, dev, report, progress, label_cache, explained)
     timings["reports"] = time.perf_counter() - t0
     dis.timings = {k: round(v, 4) for k, v in timings.items()}
     dis.outputs = {"dissection": str(rd.dissection), **outputs}
+    dis.explained, dis.explain_options = explained, vars(explain)
+    if explained:
+        dis.outputs["formulas"] = formula_csvs
+    if baseline:
+        from neurosem.dissect.explain import run_baseline
+
+        dis.baseline = run_baseline(dis, rd, model, ds.root, names, quantile=quantile, iou_threshold=iou_threshold,
+                                    categories=categories, device=device, batch_size=batch_size, threads=threads,
+                                    label_cache=label_cache, no_store=no_store, progress=progress)
+        dis.outputs["baseline"] = dis.baseline["dissection"]
     rd.update_meta("dissect", {**args, "device": str(dev), "engine": engine, "threads": n_threads,
                                "seconds": dis.timings,
                                "batch_size": int(batch_size), "outputs": dis.outputs,
@@ -403,7 +443,7 @@ def top_masks(dis: Any, layer: str, seg_size: tuple[int, int], engine: str = "cp
 
 
 def _write_reports(rd: Any, dis: Any, ds: Any, engine: str, device: Any, report: bool,
-                   progress: bool, label_cache: Any = None) -> dict[str, Any]:
+                   progress: bool, label_cache: Any = None, explained: Any = None) -> dict[str, Any]:
     """CSV per layer and summary.json; with ``report``, one HTML page per layer + index.html and
     the summary figure. The pages cost in proportion to the units and images shown."""
     from neurosem.dissect.report import (UnitTiles, layer_html_name, write_index_html, write_layer_csv,
@@ -440,7 +480,7 @@ def _write_reports(rd: Any, dis: Any, ds: Any, engine: str, device: Any, report:
                 thumbs[i] = thumb_cache.get(i, lambda: _thumbnail_jpeg(ds, i, thumb_px))
         page = layer_html_name(name)
         write_layer_html(out_dir / page, dis, name, {i: thumbs[i] for i in needed}, tiles,
-                         ds.image_ids, thumb_px)
+                         ds.image_ids, thumb_px, (explained or {}).get(name))
         pages[name] = page
     index = write_index_html(out_dir / "index.html", dis, pages, figure)
     outputs.update({"html": str(index), "figures": [str(figure)]})
