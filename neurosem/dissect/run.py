@@ -18,11 +18,14 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from neurosem.errors import DataError, NeurosemError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from neurosem.dissect.report import Dissection
 from neurosem.record import IDENTITY
 
 #: bumped when the numbers a dissection computes change
