@@ -3,7 +3,7 @@
 Layout of ``concepts.h5``: attrs ``format``, ``args`` (JSON: the settings, the Broden set, the
 split); ``concepts/{number, name, category, kind}`` (``kind``: pixel or image); per layer
 ``layers/<layer>/{W [K, C], b [K], score [K], unit_score [K], best_unit [K], units_90 [K],
-alpha [K], loss [epochs], norm_mean [C], norm_std [C]}``.
+alpha [K], loss [epochs], norm_mean [C], norm_std [C], threshold [C]}``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from neurosem.errors import NeurosemError
 
 FORMAT = "neurosem-concepts-1"
 CSV_COLUMNS = ("concept", "category", "iou_vector", "iou_best_unit", "best_unit", "units_90")
-_ARRAYS = ("W", "b", "score", "unit_score", "best_unit", "units_90", "alpha", "norm_mean", "norm_std")
+_ARRAYS = ("W", "b", "score", "unit_score", "best_unit", "units_90", "alpha", "norm_mean", "norm_std", "threshold")
 
 
 def write_concepts(path: Path, args: dict[str, Any], concepts: Concepts, layers: dict[str, LayerConcepts]) -> Path:

@@ -68,7 +68,8 @@ class LayerConcepts:
         score ``[K]`` (pixel: set IoU at 0.5 on val; image: AP); unit_score ``[K]`` (the best single
         unit's IoU / AP on the same images); best_unit ``[K]``; units_90 ``[K]`` (units holding 90%
         of ``|w_c|``); alpha ``[K]``; loss ``[epochs]`` (mean training loss per concept);
-        norm_mean, norm_std ``[C]`` (``input="raw"``; else zeros and ones).
+        norm_mean, norm_std ``[C]`` (``input="raw"``; else zeros and ones); threshold ``[C]``
+        (the float32 dissection thresholds that binarise the maps).
     """
 
     W: np.ndarray
@@ -81,6 +82,7 @@ class LayerConcepts:
     loss: list[float] = field(default_factory=list)
     norm_mean: np.ndarray | None = None
     norm_std: np.ndarray | None = None
+    threshold: np.ndarray | None = None
 
 
 def units_holding(W: np.ndarray, share: float = 0.9) -> np.ndarray:
@@ -343,7 +345,8 @@ def train_layers(store: Any, layers: Sequence[str], labels: Any, concepts: Conce
                                   best_unit=np.zeros(0, np.int64), units_90=units_holding(W), alpha=alpha,
                                   loss=history[name],
                                   norm_mean=(stats[name]["px_mean"] if raw else np.zeros(W.shape[1])),
-                                  norm_std=(_safe(stats[name]["px_std"]) if raw else np.ones(W.shape[1])))
+                                  norm_std=(_safe(stats[name]["px_std"]) if raw else np.ones(W.shape[1])),
+                                  threshold=np.asarray(thresholds[name][0], dtype=np.float32))
     evaluate(store, layers, labels, concepts, out, thresholds, val, cfg, device)
     return out
 

@@ -13,18 +13,19 @@ from neurosem.concepts.data import covered_counts, split_masks, spans
 from neurosem.concepts.train import average_precision, units_holding
 from neurosem.errors import NeurosemError
 
-from ._planted import half_model
-
 QUANTILE = 0.5          # the planted units are 0/1 maps: thresholds fall on the zeros
 CONCEPTS = ["red", "street", "tree"]
 SPEC = "tests/concepts/_planted.py:half_model"
 
 
 def planted_model():
-    from neurosem.models import LoadedModel
+    """The planted model loaded by its spec (so explain can load it again from the run), fed [0, 1] images."""
+    import dataclasses
 
-    return LoadedModel(model=half_model(), spec=SPEC, weights="none", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                       input_size=(3, 64, 64), default_layers=["fine"])
+    from neurosem.models import load_model
+
+    return dataclasses.replace(load_model(SPEC, "default"), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                               input_size=(3, 64, 64))
 
 
 @pytest.fixture(scope="module")
