@@ -1,12 +1,12 @@
 """``neurosem explain IMAGE``: local interpretation of one image with the concept vectors.
 
 For one image and one layer: each concept's map ``σ(upsample(w_c · a(x)) + b_c)`` at the label
-size (image-level concepts: ``σ(w_c · mean a(x) + b_c)``), the concepts present (a mask over at
+size (image-level concepts: ``σ(w_c · mean_hw(acts) + b_c)``), the concepts present (a mask over at
 least :data:`MIN_AREA` of the image, or a probability of at least 0.5), and, when the layer feeds
 a linear classifier through global average pooling, the exact split of the class logit over the
 concept basis (:func:`~neurosem.concepts.head.decompose_logit`): the parts, a residual and the
 bias add up to the logit. The basis is the concept vectors as directions in the raw unit space
-(``w_c / σ`` for ``--input raw``, whose vectors act on maps divided by the per-unit std σ).
+(pixel concepts of ``--input raw`` act on maps divided by the per-unit std σ: ``w_c / σ``).
 
 Outputs, under ``RUN/explain/``: ``<image>_<layer>_class<k>.json`` and a panel (PNG, PDF): the
 image, the top concept maps over it, and the contribution bars.
@@ -90,7 +90,7 @@ def concept_maps(cv: Any, layer: str, maps: Any, size: tuple[int, int]) -> tuple
     W, b = torch.as_tensor(r.W), torch.as_tensor(r.b)
     with torch.inference_mode():
         pix = torch.sigmoid(_pixel_logits(W, b, x, size))[0].view(-1, *size).numpy()
-        img = torch.sigmoid(x.mean((2, 3)) @ W.T + b)[0].numpy()
+        img = torch.sigmoid(maps[None].float().mean((2, 3)) @ W.T + b)[0].numpy()
     kind = cv.concepts.pixel
     out = np.where(kind[:, None, None], pix, img[:, None, None])
     return out.astype(np.float64), img.astype(np.float64)
@@ -156,7 +156,8 @@ def explain(image: Any, run: Any = None, layer: str | None = None, class_index: 
     decomposition = None
     if head is not None:
         pooled = maps.double().mean((1, 2)).numpy()
-        d = decompose_logit(pooled, r.W / np.asarray(r.norm_std)[None, :], head, k)
+        scale = np.where(kinds[:, None], np.asarray(r.norm_std)[None, :], 1.0)
+        d = decompose_logit(pooled, r.W / scale, head, k)
         order = np.argsort(-np.abs(d.parts), kind="stable")
         decomposition = {
             "head": head.name, "logit": d.logit, "model_logit": float(logits[k]), "bias": d.bias,

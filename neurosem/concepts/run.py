@@ -51,7 +51,8 @@ def _dissection(rd: Any, ds: Any, model: Any, layers: list[str] | None, device: 
 def train_concepts(run: Any = None, broden: Any = None, model: Any = None, layers: Any = None,
                    concepts: Any = None, categories: Any = None, epochs: int = 20, lr: float = 0.05,
                    input: str = "binary", batch_size: int = 64, seed: int = 0, device: str = "auto",
-                   progress: bool = True, label_cache: Any = None, figures: bool = True) -> Any:
+                   progress: bool = True, label_cache: Any = None, figures: bool = True,
+                   weights: str = "default") -> Any:
     """Train a concept vector per Broden concept for each layer; write ``concepts.h5``, the CSVs and
     the global views (:mod:`neurosem.concepts.views`).
 
@@ -68,6 +69,7 @@ def train_concepts(run: Any = None, broden: Any = None, model: Any = None, layer
         device: ``auto``, ``cpu``, ``cuda``...
         label_cache: the label cache root (default: the dissection's), or ``"none"``.
         figures: draw the global views' figures (PDF, PNG).
+        weights: the weights of a ``model`` given by its spec (see :func:`neurosem.models.load_model`).
 
     Returns:
         The :class:`~neurosem.concepts.io.ConceptVectors` written, with ``outputs`` and ``timings``.
@@ -91,6 +93,10 @@ def train_concepts(run: Any = None, broden: Any = None, model: Any = None, layer
     layers, names, cats = _as_list(layers), _as_list(concepts), _as_list(categories)
     ds = BrodenDataset(broden, categories=cats, with_labels=True)
     chosen = candidate_concepts(ds, names)
+    if isinstance(model, str):
+        from neurosem.models import load_model
+
+        model = load_model(model, weights)
     rd = resolve_run(run, getattr(model, "spec", model))
     t0 = time.perf_counter()
     timings: dict[str, float] = {}

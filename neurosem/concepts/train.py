@@ -5,9 +5,9 @@ For a layer with C units and a concept c: ``w_c [C]``, ``b_c``.
 - Pixel concepts: ``mask_c(x) = σ(upsample(w_c · a(x)) + b_c)`` at the label size (bilinear,
   align_corners=False, as the dissection), loss ``−mean[α·M·L + (1−α)(1−M)(1−L)]`` with
   ``α = 1 −`` the concept's mean pixel fraction in the training images.
-- Image concepts: a logistic classifier on the spatially pooled ``a(x)`` (features standardised on
-  the training images while training, folded back into ``w_c, b_c`` afterwards), loss the same
-  α-balanced cross-entropy.
+- Image concepts: a logistic classifier on the spatially pooled raw maps ``mean_hw(acts)`` (the
+  features a global-average-pooling head sees; standardised on the training images while training,
+  folded back into ``w_c, b_c`` afterwards), loss the same α-balanced cross-entropy.
 
 ``a(x)`` is the unit maps binarised at the dissection thresholds (``input="binary"``, Net2Vec's
 default) or the raw maps normalised per unit to zero mean and unit variance over the training
@@ -64,7 +64,7 @@ class LayerConcepts:
     """The concept vectors of one layer and their validation scores (rows follow the concepts).
 
     Attributes:
-        W ``[K, C]``, b ``[K]`` in the space of ``a(x)`` (image concepts: of its spatial mean);
+        W ``[K, C]``, b ``[K]`` in the space of ``a(x)`` (image concepts: of the pooled raw maps);
         score ``[K]`` (pixel: set IoU at 0.5 on val; image: AP); unit_score ``[K]`` (the best single
         unit's IoU / AP on the same images); best_unit ``[K]``; units_90 ``[K]`` (units holding 90%
         of ``|w_c|``); alpha ``[K]``; loss ``[epochs]`` (mean training loss per concept);
@@ -157,9 +157,9 @@ class _Features:
 
 
 def feature_statistics(store: Any, layers: Sequence[str], labels: Any, train: np.ndarray,
-                       thresholds: dict[str, np.ndarray], batch_size: int) -> dict[str, dict[str, np.ndarray]]:
+                       batch_size: int) -> dict[str, dict[str, np.ndarray]]:
     """One pass over the training images: per layer the per-unit mean and std of the raw maps over
-    images and positions, and the mean and std over images of the pooled features (both inputs)."""
+    images and positions (``px_*``), and over images of the pooled raw maps (``raw_*``)."""
     sums: dict[str, dict[str, Any]] = {}
     n = 0
     for _, acts, _, _ in split_batches(store, layers, labels, train, batch_size):
@@ -167,14 +167,11 @@ def feature_statistics(store: Any, layers: Sequence[str], labels: Any, train: np
         for name in layers:
             a = acts[name].astype(np.float64)
             pooled_raw = a.mean((2, 3))
-            pooled_bin = (acts[name] > thresholds[name].astype(np.float32)[None, :, None, None]).mean((2, 3))
-            s = sums.setdefault(name, {k: 0.0 for k in ("px", "px2", "raw", "raw2", "bin", "bin2")})
+            s = sums.setdefault(name, {k: 0.0 for k in ("px", "px2", "raw", "raw2")})
             s["px"] = s["px"] + a.sum((0, 2, 3))
             s["px2"] = s["px2"] + (a * a).sum((0, 2, 3))
             s["raw"] = s["raw"] + pooled_raw.sum(0)
             s["raw2"] = s["raw2"] + (pooled_raw ** 2).sum(0)
-            s["bin"] = s["bin"] + pooled_bin.sum(0)
-            s["bin2"] = s["bin2"] + (pooled_bin ** 2).sum(0)
     if n == 0:
         raise NeurosemError("no training images: the split leaves none to train the concept vectors on")
     out = {}
@@ -188,9 +185,7 @@ def feature_statistics(store: Any, layers: Sequence[str], labels: Any, train: np
 
         px_mean, px_std = moments(s["px"], s["px2"], n * hw)
         raw_mean, raw_std = moments(s["raw"], s["raw2"], n)
-        bin_mean, bin_std = moments(s["bin"], s["bin2"], n)
-        out[name] = {"px_mean": px_mean, "px_std": px_std, "raw_mean": raw_mean, "raw_std": raw_std,
-                     "bin_mean": bin_mean, "bin_std": bin_std}
+        out[name] = {"px_mean": px_mean, "px_std": px_std, "raw_mean": raw_mean, "raw_std": raw_std}
     return out
 
 
@@ -282,16 +277,12 @@ def train_layers(store: Any, layers: Sequence[str], labels: Any, concepts: Conce
     torch.manual_seed(cfg.seed)
     ds = labels.ds
     size = tuple(ds.seg_size)
-    stats = feature_statistics(store, layers, labels, train, {k: v[0] for k, v in thresholds.items()},
-                               cfg.batch_size)
+    stats = feature_statistics(store, layers, labels, train, cfg.batch_size)
     models: dict[str, _LayerModel] = {}
     for name in layers:
         st, c = stats[name], store.shape(name)[1]
-        if cfg.input == "raw":
-            mean, std = st["px_mean"], _safe(st["px_std"])
-            pm, ps = (st["raw_mean"] - mean) / std, st["raw_std"] / std
-        else:
-            mean, std, pm, ps = None, None, st["bin_mean"], st["bin_std"]
+        mean, std = (st["px_mean"], _safe(st["px_std"])) if cfg.input == "raw" else (None, None)
+        pm, ps = st["raw_mean"], st["raw_std"]
         feats = _Features(cfg.input, thresholds[name][0], mean, std, device)
         models[name] = _LayerModel(c, concepts, alpha, feats, pm, ps, device)
     opt = torch.optim.Adam([p for m in models.values() for p in m.params()], lr=float(cfg.lr))
@@ -319,7 +310,7 @@ def train_layers(store: Any, layers: Sequence[str], labels: Any, concepts: Conce
                     loss.backward()
                     totals[name] += float(loss.detach())
                 if ki:
-                    f = (x.mean((2, 3)) - m.pm) / m.ps
+                    f = (torch.from_numpy(acts[name]).to(device).float().mean((2, 3)) - m.pm) / m.ps
                     z = f @ m.Wi.T + m.bi
                     a = m.alpha_i.view(1, -1)
                     loss = -(a * y_img * F.logsigmoid(z) + (1 - a) * (1 - y_img) * F.logsigmoid(-z)).mean(0).sum()
@@ -404,8 +395,9 @@ def evaluate(store: Any, layers: Sequence[str], labels: Any, concepts: Concepts,
                     e["union"][k0:k1] += (P.sum((0, 2)) + L.sum((0, 2)) - inter).double().cpu()
                     e["both"][:, k0:k1] += torch.einsum("bcs,bks->ck", masks, L).double().cpu()
                 if ki:
-                    e["scores"].append((x.mean((2, 3)) @ e["Wi"].T + e["bi"]).cpu().numpy())
-                    e["pooled"].append(raw.float().mean((2, 3)).cpu().numpy())
+                    pooled = raw.float().mean((2, 3))
+                    e["scores"].append((pooled @ e["Wi"].T + e["bi"]).cpu().numpy())
+                    e["pooled"].append(pooled.cpu().numpy())
     y = np.concatenate(ys) if ys else np.zeros((0, ki), dtype=bool)
     for name in layers:
         e, r = acc[name], result[name]
