@@ -6,7 +6,11 @@ that module and checks it on a random input (a layer followed by more computatio
 
 Decomposition (:func:`decompose_logit`): with the pooled feature ``f [C]`` and the concept basis
 ``W [K, C]``, least squares gives ``f = Wᵀβ + r`` (``β = pinv(Wᵀ) f``, ``r`` the residual), so
-``logit_k = Σ_c β_c (V_k · w_c) + V_k · r + c_k`` exactly: the parts add up to the logit.
+``logit_k = Σ_c β_c (V_k · w_c) + V_k · r + c_k`` exactly: the parts add up to the logit. Concepts
+with (nearly) the same vector (e.g. ``car`` and ``orange`` on a set where every car is orange)
+make the basis ill-conditioned: singular values below :data:`RCOND` times the largest are cut
+(truncated SVD, the minimum-norm solution), so such concepts share their part instead of
+cancelling with huge opposite parts; what is cut goes to the residual and the sum stays exact.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from neurosem.errors import NeurosemError
 
 #: relative tolerance of the check that the head is linear after global average pooling
 HEAD_RTOL = 1e-4
+#: relative singular-value cutoff of the least-squares split over the concept basis
+RCOND = 1e-2
 
 
 @dataclass
@@ -129,7 +135,7 @@ def decompose_logit(pooled: np.ndarray, W: np.ndarray, head: LinearHead, k: int)
     """
     f = np.asarray(pooled, dtype=np.float64)
     basis = np.asarray(W, dtype=np.float64)                    # [K, C]
-    coef = np.linalg.lstsq(basis.T, f, rcond=None)[0]          # [K]
+    coef = np.linalg.lstsq(basis.T, f, rcond=RCOND)[0]         # [K]
     r = f - basis.T @ coef
     v = head.weight[k]
     return Decomposition(logit=float(v @ f + head.bias[k]), parts=coef * (basis @ v), coef=coef,

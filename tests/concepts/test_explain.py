@@ -82,6 +82,18 @@ def test_decompose_logit_by_hand():
     assert d.total == pytest.approx(d.logit, abs=1e-12)
 
 
+def test_nearly_equal_concepts_share_their_part():
+    head = LinearHead("fc", np.array([[1.0, 2.0, -1.0]]), np.array([0.0]))
+    w = np.array([1.0, 1.0, 0.0])
+    W = np.stack([w, w + 1e-9 * np.array([0.0, 1.0, 1.0]), np.array([0.0, 0.0, 1.0])])
+    f = np.array([2.0, 2.0, 1.0])
+    d = decompose_logit(f, W, head, 0)
+    # f = w + w' (shared: 1 each, up to 1e-9) + e3; plain least squares would give parts of order 1e9
+    assert d.coef == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
+    assert d.parts == pytest.approx([3.0, 3.0, -1.0], abs=1e-5) and d.total == pytest.approx(d.logit, abs=1e-12)
+    assert d.logit == pytest.approx(5.0)
+
+
 def test_bad_input(explained_run, synthetic_broden, tmp_path):
     path, _ = _red_image(synthetic_broden)
     bad = tmp_path / "not_an_image.png"
