@@ -106,3 +106,26 @@ def test_bad_input(explained_run, synthetic_broden, tmp_path):
         explain(path, run=explained_run, layer="layer4")
     with pytest.raises(NeurosemError, match="file missing"):
         explain(tmp_path / "nope.png", run=explained_run, layer="fine")
+
+
+def test_cli_prints_the_split_and_one_line_errors(explained_run, synthetic_broden, tmp_path, capsys):
+    from neurosem.cli import main
+
+    path, _ = _red_image(synthetic_broden)
+    main(["explain", str(path), "--run", str(explained_run), "--layer", "fine", "--top", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "(exact)" in out and "red (area " in out.split("concepts present:")[1].splitlines()[0]
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"no image")
+    cases = [(["explain", str(bad), "--run", str(explained_run)], "cannot decode image"),
+             (["explain", str(path), "--run", str(explained_run), "--layer", "fine", "--class", "-1"],
+              "--class -1 is out of range"),
+             (["explain", str(path), "--run", str(explained_run), "--layer", "coarse"],
+              "layer 'coarse' has no concept vectors"),
+             (["concepts", "--run", str(explained_run), "--broden", str(synthetic_broden), "--concepts", "treee"],
+              "no concept 'treee'")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err and message in err, err
