@@ -144,6 +144,7 @@ def train_concepts(run: Any = None, broden: Any = None, model: Any = None, layer
         results = train_layers(store, layers, labels, chosen_k, alpha, thresholds, train, val, cfg,
                                resolve_device(device), progress)
         timings["train"] = time.perf_counter() - t1
+        timings["epochs"] = results[layers[0]].epoch_seconds
         args = {"layers": layers, "broden": str(ds.root), "broden_fingerprint": ds.fingerprint(),
                 "categories": list(ds.categories), "store_id": store.store_id, "n_images": n,
                 "split": how, "n_train": n_train, "n_val": int(val.sum()), "epochs": cfg.epochs, "lr": cfg.lr,

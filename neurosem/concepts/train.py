@@ -23,6 +23,7 @@ the average precision of the classifier's score and of every unit's pooled raw a
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -69,7 +70,8 @@ class LayerConcepts:
         unit's IoU / AP on the same images); best_unit ``[K]``; units_90 ``[K]`` (units holding 90%
         of ``|w_c|``); alpha ``[K]``; loss ``[epochs]`` (mean training loss per concept);
         norm_mean, norm_std ``[C]`` (``input="raw"``; else zeros and ones); threshold ``[C]``
-        (the float32 dissection thresholds that binarise the maps).
+        (the float32 dissection thresholds that binarise the maps); epoch_seconds (wall time of
+        each training epoch, all layers together; not saved).
     """
 
     W: np.ndarray
@@ -83,6 +85,7 @@ class LayerConcepts:
     norm_mean: np.ndarray | None = None
     norm_std: np.ndarray | None = None
     threshold: np.ndarray | None = None
+    epoch_seconds: list[float] = field(default_factory=list)
 
 
 def units_holding(W: np.ndarray, share: float = 0.9) -> np.ndarray:
@@ -290,10 +293,12 @@ def train_layers(store: Any, layers: Sequence[str], labels: Any, concepts: Conce
     lut_i = torch.as_tensor(concepts.lookup(ds.n_labels, False), device=device)
     kp, ki = int(concepts.pixel.sum()), int((~concepts.pixel).sum())
     history: dict[str, list[float]] = {name: [] for name in layers}
+    seconds: list[float] = []
     for _ in bar(range(int(cfg.epochs)), total=int(cfg.epochs), desc="concepts: train", enabled=progress,
                  unit="epoch"):
         totals = dict.fromkeys(layers, 0.0)
         n_batches = 0
+        t0 = time.perf_counter()
         for _, acts, seg, il in split_batches(store, layers, labels, train, cfg.batch_size):
             seg_t = torch.from_numpy(seg.astype(np.int64)).to(device)
             il_t = torch.from_numpy(il.astype(np.int64)).to(device)
@@ -318,6 +323,7 @@ def train_layers(store: Any, layers: Sequence[str], labels: Any, concepts: Conce
                     totals[name] += float(loss.detach())
             opt.step()
             n_batches += 1
+        seconds.append(time.perf_counter() - t0)
         for name in layers:
             history[name].append(totals[name] / max(1, n_batches) / max(1, len(concepts)))
     out = {}
@@ -337,7 +343,8 @@ def train_layers(store: Any, layers: Sequence[str], labels: Any, concepts: Conce
                                   loss=history[name],
                                   norm_mean=(stats[name]["px_mean"] if raw else np.zeros(W.shape[1])),
                                   norm_std=(_safe(stats[name]["px_std"]) if raw else np.ones(W.shape[1])),
-                                  threshold=np.asarray(thresholds[name][0], dtype=np.float32))
+                                  threshold=np.asarray(thresholds[name][0], dtype=np.float32),
+                                  epoch_seconds=seconds)
     evaluate(store, layers, labels, concepts, out, thresholds, val, cfg, device)
     return out
 

@@ -144,6 +144,30 @@ def _figure_semantic(sem: dict[str, Any], layer: str, path: Any) -> list[Any]:
         return save_figure(fig, path, ("pdf", "png"), dpi=200, close=True)
 
 
+def _figure_vector_vs_unit(cv: Any, path: Any) -> list[Any]:
+    """One panel per layer: each concept's vector score against its best single unit's (y = x drawn)."""
+    from neurosem.analysis._plotstyle import category_palette, new_figure, plot_style, save_figure
+
+    cats = list(dict.fromkeys(cv.concepts.categories))
+    pal = category_palette(cats)
+    n = len(cv.layers)
+    with plot_style():
+        fig, axes = new_figure(1, n, figsize=(2.3 * n + 0.8, 2.5), squeeze=False)
+        for ax, layer in zip(axes[0], cv.layers):
+            r = cv.layer(layer)
+            for c in cats:
+                sel = np.array([x == c for x in cv.concepts.categories])
+                ax.scatter(r.unit_score[sel], r.score[sel], s=10, color=pal[c], label=c, edgecolor="none")
+            ax.plot([0, 1], [0, 1], color=".6", lw=0.8)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_title(layer)
+            ax.set_xlabel("best single unit")
+        axes[0][0].set_ylabel("concept vector\n(IoU; scene/texture: AP)")
+        axes[0][-1].legend(frameon=False, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        return save_figure(fig, path, ("pdf", "png"), dpi=200, close=True)
+
+
 def write_views(rd: Any, cv: Any, model: Any = None, figures: bool = True) -> dict[str, Any]:
     """Write ``concepts/global.json`` (and the figures) for every layer of ``cv``; returns the paths."""
     from neurosem.concepts.head import linear_head, run_model
@@ -176,6 +200,8 @@ def write_views(rd: Any, cv: Any, model: Any = None, figures: bool = True) -> di
             if "semantic" in views:
                 figs += [str(p) for p in _figure_semantic(views["semantic"], layer,
                                                           rd.figures / f"concepts_{layer}_semantic")]
+    if figures:
+        figs += [str(p) for p in _figure_vector_vs_unit(cv, rd.figures / "concepts_vector_vs_unit")]
     path = rd.path / "concepts" / "global.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"layers": data, "notes": notes}, indent=1))

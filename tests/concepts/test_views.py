@@ -71,5 +71,6 @@ def test_views_of_the_planted_run(tmp_path_factory, synthetic_broden):
     sem = v["semantic"]
     assert sem["per_concept"][0]["top_cos"] == pytest.approx(mean_pair_cosine(S, np.argsort(-W[0], kind="stable")[:5]))
     names = {p.rsplit("/", 1)[1] for p in cv.outputs["figures"]}
-    assert names == {"concepts_fine_similarity.pdf", "concepts_fine_similarity.png",
+    assert names == {"concepts_fine_similarity.pdf", "concepts_fine_similarity.png", "concepts_vector_vs_unit.pdf",
+                     "concepts_vector_vs_unit.png",
                      "concepts_fine_semantic.pdf", "concepts_fine_semantic.png"}
