@@ -173,11 +173,13 @@ def summary_lines(cv: Any) -> list[str]:
     cats = list(dict.fromkeys(cv.concepts.categories))
     for name in cv.layers:
         r = cv.layer(name)
-        lines.append(f"  {name}: category  n  vector  best unit  (IoU on val; scene/texture: AP)  units_90>1")
+        lines.append(f"  {name}: category    n  vector  best unit  vector>unit  median units_90   "
+                     "(means on val: IoU; scene/texture: AP)")
         for c in cats:
             sel = np.array([x == c for x in cv.concepts.categories])
-            lines.append(f"    {c:<9} {int(sel.sum()):>3}  {r.score[sel].mean():.3f}   {r.unit_score[sel].mean():.3f}"
-                         f"      {int((r.units_90[sel] > 1).sum()):>3}")
+            lines.append(f"    {c:<10} {int(sel.sum()):>3}  {r.score[sel].mean():.3f}   {r.unit_score[sel].mean():.3f}"
+                         f"      {int((r.score[sel] > r.unit_score[sel]).sum()):>3}/{int(sel.sum()):<3}"
+                         f"     {np.median(r.units_90[sel]):>5.1f} of {r.W.shape[1]}")
     for key, p in getattr(cv, "outputs", {}).items():
         lines.append(f"  {key}: {', '.join(map(str, p)) if isinstance(p, (list, tuple)) else p}")
     return lines

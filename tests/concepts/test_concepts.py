@@ -178,3 +178,17 @@ def test_average_precision_matches_a_plain_loop():
 
 def test_units_holding():
     assert units_holding(np.array([[0.5, 0.3, 0.2], [0.0, 0.0, 0.0], [0.9, 0.1, 0.0]])).tolist() == [3, 0, 1]
+
+
+def test_summary_lines(binary):
+    from neurosem.concepts.run import summary_lines
+
+    r = binary.layer("fine")
+    lines = summary_lines(binary)
+    assert lines[0].startswith(f"concept vectors: {binary.path} (3 concepts, input binary, 20 epochs; val: 12 images")
+    k = binary.concepts.names.index("red")
+    color = next(x for x in lines if x.strip().startswith("color"))
+    assert color.split() == ["color", "1", "1.000", f"{r.unit_score[k]:.3f}", "1/1",
+                             f"{float(np.median(r.units_90[[k]])):.1f}", "of", "5"]
+    scene = next(x for x in lines if x.strip().startswith("scene"))
+    assert scene.split()[:5] == ["scene", "1", "1.000", "1.000", "0/1"]      # tied with unit 2: not above it
