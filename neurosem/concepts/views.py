@@ -163,6 +163,8 @@ def _figure_vector_vs_unit(cv: Any, path: Any) -> list[Any]:
             ax.set_ylim(0, 1)
             ax.set_title(layer)
             ax.set_xlabel("best single unit")
+        for ax in axes[0][1:]:
+            ax.set_yticklabels([])
         axes[0][0].set_ylabel("concept vector\n(IoU; scene/texture: AP)")
         axes[0][-1].legend(frameon=False, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
         return save_figure(fig, path, ("pdf", "png"), dpi=200, close=True)

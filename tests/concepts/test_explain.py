@@ -129,3 +129,19 @@ def test_cli_prints_the_split_and_one_line_errors(explained_run, synthetic_brode
             main(argv)
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err and message in err, err
+
+
+def test_linear_head_only_after_global_average_pooling():
+    from torch import nn
+
+    from neurosem.concepts.head import linear_head
+    from neurosem.models import LoadedModel
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    lm = LoadedModel(model=net.eval(), spec="seq", weights="none", input_size=(3, 8, 8))
+    head, why = linear_head(lm, "1", (3, 8, 8))                # after the ReLU: the head is linear
+    assert head is not None and head.name == "4" and why == ""
+    assert np.array_equal(head.weight, net[4].weight.detach().double().numpy())
+    head, why = linear_head(lm, "0", (3, 8, 8))                # before the ReLU: it is not
+    assert head is None and "does not feed a linear classifier" in why
