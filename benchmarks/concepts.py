@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         dissect(run=root / "run", broden=broden, model=lm, layers=layers, device=args.device, progress=False,
                 report=False)
         t_dissect = time.perf_counter() - t0
-        cv = train_concepts(root / "run", broden=broden, layers=layers, epochs=args.epochs, input=args.input,
-                            batch_size=args.batch_size, device=args.device, progress=False, figures=False)
+        cv = train_concepts(root / "run", broden=broden, model=lm, layers=layers, epochs=args.epochs,
+                            input=args.input, batch_size=args.batch_size, device=args.device, progress=False,
+                            figures=False)
         per_epoch = float(np.median(cv.timings["epochs"]))
         k, n_layers = len(cv.concepts), len(cv.layers)
         conv = {name: epochs_to_converge(cv.layer(name).loss) for name in cv.layers}

@@ -38,7 +38,8 @@ class LinearHead:
 
 def run_model(cv: Any, model: Any = None) -> tuple[Any, str | None]:
     """``(LoadedModel, None)`` for the run of concept vectors ``cv`` (``model`` when given), or
-    ``(None, why)`` when the recorded model cannot be loaded here."""
+    ``(None, why)`` when the recorded model cannot be loaded here, or loads with other weights
+    than the recorded ones (an unseeded factory)."""
     from neurosem.models import LoadedModel, load_model
 
     if isinstance(model, LoadedModel):
@@ -49,9 +50,14 @@ def run_model(cv: Any, model: Any = None) -> tuple[Any, str | None]:
         return None, "the run does not record its model"
     weights = prov.get("weights_arg") or "default"
     try:
-        return load_model(spec, weights), None
+        lm = load_model(spec, weights, warn=False)
     except NeurosemError as exc:
         return None, f"the model {spec!r} cannot be loaded ({exc})"
+    recorded = prov.get("weights")
+    if recorded and lm.weights != recorded and not isinstance(model, str):
+        return None, (f"the model {spec!r} built now has other weights ({lm.weights}) than the recorded ones "
+                      f"({recorded}): its factory is not seeded; pass the model itself")
+    return lm, None
 
 
 def _forward(lm: Any, layer: str, x: Any) -> tuple[Any, Any]:
