@@ -484,7 +484,8 @@ def distill_table(runs: tuple[str, ...], out: str | None) -> None:
 @click.argument("model", required=False)
 @click.option("--broden", required=True, type=click.Path(), help="The Broden directory (e.g. data/broden1_224).")
 @_run_option
-@_layers_option
+@click.option("--layers", "-l", multiple=True, metavar="NAMES",
+              help="Layers, comma-separated or repeated [default: every layer of the run's dissection].")
 @_weights_option
 @click.option("--concepts", "names", multiple=True, metavar="NAMES",
               help="Only these concepts (comma-separated) [default: every concept in both splits].")
