@@ -11,7 +11,7 @@ together, one pass over the training images per epoch) and prints:
 - concepts trained per second: concepts × layers / (the largest epochs-to-converge × seconds per epoch);
 - the mean validation score of the vectors against the best single unit's.
 
-Usage: python benchmarks/concepts.py [--images 1000] [--epochs 30] [--device auto] [--keep DIR]
+Usage: python benchmarks/concepts.py [--images 1000] [--epochs 30] [--device auto] [--keep DIR] [--threads N]
 """
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--keep", default=None, help="Keep the set and the run in this folder.")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads while training (default: as left by the dissection)")
     args = ap.parse_args(argv)
 
     import torch
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         dissect(run=root / "run", broden=broden, model=lm, layers=layers, device=args.device, progress=False,
                 report=False)
         t_dissect = time.perf_counter() - t0
+        if args.threads:
+            torch.set_num_threads(args.threads)
         cv = train_concepts(root / "run", broden=broden, model=lm, layers=layers, epochs=args.epochs,
                             input=args.input, batch_size=args.batch_size, device=args.device, progress=False,
                             figures=False)

@@ -385,22 +385,27 @@ def evaluate(store: Any, layers: Sequence[str], labels: Any, concepts: Concepts,
             il_t = torch.from_numpy(il.astype(np.int64)).to(device)
             if ki:
                 ys.append(_image_targets(il_t, lut_i, ki).cpu().numpy() > 0)
-            blocks = _blocks(kp, seg.shape[0], size[0] * size[1])
+            s = size[0] * size[1]
             for name in layers:
                 e = acc[name]
-                raw = torch.from_numpy(acts[name]).to(device)
-                x = e["feats"](raw)
-                masks = unit_masks(raw.float(), e["thr"], size).flatten(2).float()      # [B, C, S]
-                e["act"] += masks.sum((0, 2)).double().cpu()
-                for k0, k1 in blocks:
-                    L = _pixel_targets(seg_t, lut_p, k0, k1 - k0)
-                    if name == layers[0]:
-                        gt[k0:k1] += L.sum((0, 2)).double().cpu()
-                    P = (_pixel_logits(e["Wp"][k0:k1], e["bp"][k0:k1], x, size) > 0).float()
-                    inter = (P * L).sum((0, 2))
-                    e["inter"][k0:k1] += inter.double().cpu()
-                    e["union"][k0:k1] += (P.sum((0, 2)) + L.sum((0, 2)) - inter).double().cpu()
-                    e["both"][:, k0:k1] += torch.einsum("bcs,bks->ck", masks, L).double().cpu()
+                raw_all = torch.from_numpy(acts[name]).to(device)
+                c = raw_all.shape[1]
+                step = max(1, BLOCK_ELEMENTS // (c * s))          # images whose unit masks fit one block
+                for i0 in range(0, raw_all.shape[0], step):
+                    raw, seg_s = raw_all[i0:i0 + step], seg_t[i0:i0 + step]
+                    x = e["feats"](raw)
+                    masks = unit_masks(raw.float(), e["thr"], size).flatten(2).float()      # [b, C, S]
+                    e["act"] += masks.sum((0, 2)).double().cpu()
+                    for k0, k1 in _blocks(kp, raw.shape[0], s):
+                        L = _pixel_targets(seg_s, lut_p, k0, k1 - k0)
+                        if name == layers[0]:
+                            gt[k0:k1] += L.sum((0, 2)).double().cpu()
+                        P = (_pixel_logits(e["Wp"][k0:k1], e["bp"][k0:k1], x, size) > 0).float()
+                        inter = (P * L).sum((0, 2))
+                        e["inter"][k0:k1] += inter.double().cpu()
+                        e["union"][k0:k1] += (P.sum((0, 2)) + L.sum((0, 2)) - inter).double().cpu()
+                        e["both"][:, k0:k1] += torch.einsum("bcs,bks->ck", masks, L).double().cpu()
+                raw = raw_all
                 if ki:
                     pooled = raw.float().mean((2, 3))
                     e["scores"].append((pooled @ e["Wi"].T + e["bi"]).cpu().numpy())

@@ -192,3 +192,20 @@ def test_summary_lines(binary):
                              f"{float(np.median(r.units_90[[k]])):.1f}", "of", "5"]
     scene = next(x for x in lines if x.strip().startswith("scene"))
     assert scene.split()[:5] == ["scene", "1", "1.000", "1.000", "0/1"]      # tied with unit 2: not above it
+
+
+def test_small_blocks_give_the_same_vectors(binary, planted_run, synthetic_broden, tmp_path, monkeypatch):
+    """Concepts and images processed in blocks of a few thousand elements: the same numbers."""
+    import shutil
+
+    import neurosem.concepts.train as train
+
+    run = tmp_path / "blocks"
+    shutil.copytree(planted_run, run)
+    monkeypatch.setattr(train, "BLOCK_ELEMENTS", 3000)        # 2 concepts x 1 image per block
+    cv = train_concepts(run, broden=synthetic_broden, concepts=CONCEPTS, epochs=20, batch_size=16, device="cpu",
+                        progress=False, figures=False)
+    a, b = binary.layer("fine"), cv.layer("fine")
+    np.testing.assert_allclose(b.W, a.W, atol=1e-5)
+    np.testing.assert_allclose(b.score, a.score, atol=1e-12)
+    np.testing.assert_allclose(b.unit_score, a.unit_score, atol=1e-12)
