@@ -78,7 +78,7 @@ def layer_and_logits(lm: Any, layer: str, image: Any, mean: Any, std: Any) -> tu
     with torch.inference_mode():
         out, maps = _forward(lm, layer, (image[None].float() - m) / s)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise NeurosemError(f"the model's output is not a [batch, classes] tensor; explain needs a classifier")
+        raise NeurosemError("the model's output is not a [batch, classes] tensor; explain needs a classifier")
     return out[0].double(), maps[0].float()
 
 

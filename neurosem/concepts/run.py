@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

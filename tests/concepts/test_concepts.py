@@ -6,42 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from neurosem.concepts import load_concepts, train_concepts
 from neurosem.concepts.data import covered_counts, split_masks, spans
 from neurosem.concepts.train import average_precision, units_holding
 from neurosem.errors import NeurosemError
 
-QUANTILE = 0.5          # the planted units are 0/1 maps: thresholds fall on the zeros
-CONCEPTS = ["red", "street", "tree"]
-SPEC = "tests/concepts/_planted.py:half_model"
-
-
-def planted_model():
-    """The planted model loaded by its spec (so explain can load it again from the run), fed [0, 1] images."""
-    import dataclasses
-
-    from neurosem.models import load_model
-
-    return dataclasses.replace(load_model(SPEC, "default"), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                               input_size=(3, 64, 64))
-
-
-@pytest.fixture(scope="module")
-def planted_run(tmp_path_factory, synthetic_broden):
-    from neurosem.dissect import dissect
-
-    run = tmp_path_factory.mktemp("concepts") / "run"
-    dissect(run=run, broden=synthetic_broden, model=planted_model(), layers=["fine"], quantile=QUANTILE,
-            device="cpu", batch_size=16, progress=False, report=False)
-    return run
-
-
-@pytest.fixture(scope="module")
-def binary(planted_run, synthetic_broden):
-    return train_concepts(planted_run, broden=synthetic_broden, concepts=CONCEPTS, epochs=20, batch_size=16,
-                          device="cpu", progress=False, figures=False)
+from .conftest import CONCEPTS
 
 
 def _reference_unit_iou(run: Path, broden: Path, label: str) -> np.ndarray:

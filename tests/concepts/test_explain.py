@@ -8,26 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from neurosem.concepts import train_concepts
 from neurosem.concepts.explain import explain
 from neurosem.concepts.head import LinearHead, decompose_logit
 from neurosem.errors import NeurosemError
 
 from ._planted import half_model
-from .test_concepts import planted_model  # noqa: F401  (the same planted run)
-from .test_concepts import CONCEPTS, QUANTILE
 
 
 @pytest.fixture(scope="module")
-def explained_run(tmp_path_factory, synthetic_broden):
-    from neurosem.dissect import dissect
-
-    run = tmp_path_factory.mktemp("explain") / "run"
-    dissect(run=run, broden=synthetic_broden, model=planted_model(), layers=["fine"], quantile=QUANTILE,
-            device="cpu", batch_size=16, progress=False, report=False)
-    train_concepts(run, broden=synthetic_broden, concepts=CONCEPTS, epochs=20, batch_size=16, device="cpu",
-                   progress=False, figures=False)
-    return run
+def explained_run(planted_run, binary):
+    return planted_run
 
 
 def _red_image(broden):

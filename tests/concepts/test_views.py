@@ -8,7 +8,7 @@ import pytest
 
 from neurosem.concepts.views import cluster_order, cosine_rows, mean_pair_cosine, semantic_link
 
-from .test_concepts import CONCEPTS, QUANTILE, planted_model
+from .conftest import planted_model
 
 
 def _cos(a, b):
@@ -45,17 +45,10 @@ def test_cluster_order_groups_similar_rows():
     assert abs(pos[0] - pos[2]) == 1 and abs(pos[1] - pos[3]) == 1
 
 
-def test_views_of_the_planted_run(tmp_path_factory, synthetic_broden):
-    from neurosem.concepts import train_concepts
-    from neurosem.dissect import dissect
-    from neurosem.embed import embed, load_embedding
+def test_views_of_the_planted_run(binary, planted_run):
+    from neurosem.embed import load_embedding
 
-    run = tmp_path_factory.mktemp("views") / "run"
-    dissect(run=run, broden=synthetic_broden, model=planted_model(), layers=["fine"], quantile=QUANTILE,
-            device="cpu", batch_size=16, progress=False, report=False)
-    embed(run=run, layers=["fine"], dim=4, device="cpu", progress=False)
-    cv = train_concepts(run, broden=synthetic_broden, concepts=CONCEPTS, epochs=20, batch_size=16, device="cpu",
-                        progress=False, figures=True)
+    cv, run = binary, planted_run
     views = json.loads((run / "concepts" / "global.json").read_text())
     v = views["layers"]["fine"]
     W = cv.layer("fine").W
