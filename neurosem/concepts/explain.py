@@ -82,14 +82,14 @@ def concept_maps(cv: Any, layer: str, maps: Any, size: tuple[int, int]) -> tuple
     concepts get their mask, image concepts a constant map of their probability."""
     import torch
 
-    from neurosem.concepts.train import _Features, _pixel_logits
+    from neurosem.concepts.train import UnitFeatures, pixel_logits
 
     r = cv.layer(layer)
-    feats = _Features(cv.args["input"], r.threshold, r.norm_mean, r.norm_std, "cpu")
+    feats = UnitFeatures(cv.args["input"], r.threshold, r.norm_mean, r.norm_std, "cpu")
     x = feats(maps[None].float())
     W, b = torch.as_tensor(r.W), torch.as_tensor(r.b)
     with torch.inference_mode():
-        pix = torch.sigmoid(_pixel_logits(W, b, x, size))[0].view(-1, *size).numpy()
+        pix = torch.sigmoid(pixel_logits(W, b, x, size))[0].view(-1, *size).numpy()
         img = torch.sigmoid(maps[None].float().mean((2, 3)) @ W.T + b)[0].numpy()
     kind = cv.concepts.pixel
     out = np.where(kind[:, None, None], pix, img[:, None, None])

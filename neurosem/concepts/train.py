@@ -138,7 +138,7 @@ def unit_average_precision(pooled: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.nan_to_num(np.stack([_ap_one_score(pooled[:, u], y) for u in range(pooled.shape[1])]), nan=0.0)
 
 
-class _Features:
+class UnitFeatures:
     """``a(x)`` of one layer from its raw maps: ``acts [B, C, h, w]`` -> float32 torch ``[B, C, h, w]``."""
 
     def __init__(self, mode: str, threshold: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None,
@@ -199,7 +199,7 @@ def _safe(std: np.ndarray) -> np.ndarray:
 class _LayerModel:
     """The trainable parameters of one layer (pixel and image concepts separately)."""
 
-    def __init__(self, c: int, concepts: Concepts, alpha: np.ndarray, feats: _Features, pooled_mean: np.ndarray,
+    def __init__(self, c: int, concepts: Concepts, alpha: np.ndarray, feats: UnitFeatures, pooled_mean: np.ndarray,
                  pooled_std: np.ndarray, device: Any) -> None:
         import torch
 
@@ -229,7 +229,7 @@ def _pixel_targets(seg: Any, lut: Any, k0: int, kb: int) -> Any:
     return out[:, :kb]
 
 
-def _pixel_logits(W: Any, b: Any, x: Any, size: tuple[int, int]) -> Any:
+def pixel_logits(W: Any, b: Any, x: Any, size: tuple[int, int]) -> Any:
     """``upsample(W · x) + b``: ``W [k, C]``, ``x [B, C, h, w]`` -> ``[B, k, sh * sw]``."""
     import torch
     import torch.nn.functional as F
@@ -286,7 +286,7 @@ def train_layers(store: Any, layers: Sequence[str], labels: Any, concepts: Conce
         st, c = stats[name], store.shape(name)[1]
         mean, std = (st["px_mean"], _safe(st["px_std"])) if cfg.input == "raw" else (None, None)
         pm, ps = st["raw_mean"], st["raw_std"]
-        feats = _Features(cfg.input, thresholds[name][0], mean, std, device)
+        feats = UnitFeatures(cfg.input, thresholds[name][0], mean, std, device)
         models[name] = _LayerModel(c, concepts, alpha, feats, pm, ps, device)
     opt = torch.optim.Adam([p for m in models.values() for p in m.params()], lr=float(cfg.lr))
     lut_p = torch.as_tensor(concepts.lookup(ds.n_labels, True), device=device)
@@ -309,7 +309,7 @@ def train_layers(store: Any, layers: Sequence[str], labels: Any, concepts: Conce
                 x = m.feats(torch.from_numpy(acts[name]).to(device))
                 for k0, k1 in _blocks(kp, x.shape[0], size[0] * size[1]):
                     L = _pixel_targets(seg_t, lut_p, k0, k1 - k0)
-                    M = torch.sigmoid(_pixel_logits(m.Wp[k0:k1], m.bp[k0:k1], x, size))
+                    M = torch.sigmoid(pixel_logits(m.Wp[k0:k1], m.bp[k0:k1], x, size))
                     a = m.alpha_p[k0:k1].view(1, -1, 1)
                     loss = -(a * M * L + (1 - a) * (1 - M) * (1 - L)).mean((0, 2)).sum()
                     loss.backward()
@@ -367,7 +367,7 @@ def evaluate(store: Any, layers: Sequence[str], labels: Any, concepts: Concepts,
         c = store.shape(name)[1]
         r = result[name]
         acc[name] = {
-            "feats": _Features(cfg.input, thresholds[name][0], r.norm_mean, r.norm_std, device),
+            "feats": UnitFeatures(cfg.input, thresholds[name][0], r.norm_mean, r.norm_std, device),
             "thr": torch.as_tensor(np.asarray(thresholds[name][1], dtype=np.float64)),
             "Wp": torch.as_tensor(r.W[concepts.pixel], device=device),
             "bp": torch.as_tensor(r.b[concepts.pixel], device=device),
@@ -400,7 +400,7 @@ def evaluate(store: Any, layers: Sequence[str], labels: Any, concepts: Concepts,
                         L = _pixel_targets(seg_s, lut_p, k0, k1 - k0)
                         if name == layers[0]:
                             gt[k0:k1] += L.sum((0, 2)).double().cpu()
-                        P = (_pixel_logits(e["Wp"][k0:k1], e["bp"][k0:k1], x, size) > 0).float()
+                        P = (pixel_logits(e["Wp"][k0:k1], e["bp"][k0:k1], x, size) > 0).float()
                         inter = (P * L).sum((0, 2))
                         e["inter"][k0:k1] += inter.double().cpu()
                         e["union"][k0:k1] += (P.sum((0, 2)) + L.sum((0, 2)) - inter).double().cpu()
