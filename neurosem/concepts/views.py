@@ -3,7 +3,9 @@
 Per layer, in ``concepts/global.json`` (and figures under ``figures/``):
 
 - ``similarity``: the concept–concept cosine matrix of the vectors ``W [K, K]``, with the order of
-  an average-linkage clustering on ``1 − cos`` (the heat map is drawn in that order);
+  an average-linkage clustering on ``1 − cos`` (the heat map is drawn in that order); pixel
+  concepts' vectors act on ``a(x)``, image concepts' on the pooled raw maps: the cosine compares
+  their directions over the same units;
 - ``top_units``: the units with the largest weights in each concept vector;
 - ``classes`` (when the layer feeds a linear classifier through global average pooling): the
   cosine of each class weight vector ``V_k`` with each concept vector, and each class's top concepts;
