@@ -498,6 +498,80 @@ def distill_table(runs: tuple[str, ...], out: str | None) -> None:
         click.echo(str(path))
 
 
+@cli.command(context_settings=CONTEXT, short_help="A vector per Broden concept in a layer (Net2Vec).")
+@click.argument("model", required=False)
+@click.option("--broden", required=True, type=click.Path(), help="The Broden directory (e.g. data/broden1_224).")
+@_run_option
+@click.option("--layers", "-l", multiple=True, metavar="NAMES",
+              help="Layers, comma-separated or repeated [default: every layer of the run's dissection].")
+@_weights_option
+@click.option("--concepts", "names", multiple=True, metavar="NAMES",
+              help="Only these concepts (comma-separated) [default: every concept in both splits].")
+@click.option("--categories", multiple=True, metavar="NAMES", help="Only these categories (comma-separated).")
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Passes over the training images (all concepts and layers train together).")
+@click.option("--lr", default=0.05, show_default=True, type=float, help="Adam's learning rate.")
+@click.option("--input", "input_", default="binary", show_default=True, type=click.Choice(["binary", "raw"]),
+              help="binary: unit maps thresholded at the dissection thresholds (Net2Vec); raw: maps "
+                   "normalised per unit.")
+@click.option("--batch-size", "-b", default=64, show_default=True, type=BATCH, help="Images per batch.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the training and of a hold-out split.")
+@click.option("--label-cache", default=None, metavar="DIR|none",
+              help="Where the decoded Broden labels are kept [default: as dissect]; 'none' reads the PNGs.")
+@click.option("--no-figures", is_flag=True, help="Skip the figures (the files and global.json are written).")
+@_device_option
+@_quiet_option
+def concepts(model: str | None, broden: str, run: str | None, layers: tuple[str, ...], weights: str,
+             names: tuple[str, ...], categories: tuple[str, ...], epochs: int, lr: float, input_: str,
+             batch_size: int, seed: int, label_cache: str | None, no_figures: bool, device: str,
+             quiet: bool) -> None:
+    """Concept vectors (Net2Vec; Gu & Tresp): per layer, a weight vector over the units for every
+    Broden concept, trained on the train split and scored on val against the best single unit.
+
+    Dissects first when the run has no dissection (and records when MODEL is given). Writes
+    concepts.h5, concepts/<layer>.csv, concepts/global.json and figures/concepts_*.
+
+    \b
+    Examples:
+      neurosem concepts --run runs/resnet18 --broden data/broden1_224 --layers layer4
+      neurosem concepts resnet18 --broden data/broden1_224 --concepts dog,cat,grass --input raw
+    """
+    from neurosem.concepts.run import summary_lines, train_concepts
+
+    cv = train_concepts(run=run, broden=broden, model=model, layers=_split(layers), concepts=_split(names),
+                        categories=_split(categories), epochs=epochs, lr=lr, input=input_, batch_size=batch_size,
+                        seed=seed, device=device, progress=not quiet, label_cache=label_cache,
+                        figures=not no_figures, weights=weights)
+    click.echo("\n".join(summary_lines(cv)))
+
+
+@cli.command(context_settings=CONTEXT, short_help="Why one image got its class: concept maps and the logit split.")
+@click.argument("image", type=click.Path())
+@_run_option
+@click.option("--layer", default=None, help="A layer with concept vectors [default: the last one].")
+@click.option("--class", "class_index", default=None, type=int, help="The class index [default: the top class].")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Concept maps and contributions shown.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [default: RUN/explain].")
+@click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON.")
+def explain(image: str, run: str | None, layer: str | None, class_index: int | None, top: int, out: str | None,
+            as_json: bool) -> None:
+    """Explain one image with the run's concept vectors: each concept's map, the concepts present
+    and, for a linear head after global average pooling, the class logit split exactly over the
+    concepts (parts + residual + bias = logit). Writes a PNG/PDF panel and JSON.
+
+    \b
+    Example:
+      neurosem explain cat.jpg --run runs/resnet18 --layer layer4 --class 281 --top 5
+    """
+    from pathlib import Path
+
+    from neurosem.concepts.explain import explain as run_explain
+
+    e = run_explain(image, run=run, layer=layer, class_index=class_index, top=top, out=out)
+    click.echo(Path(e.outputs["json"]).read_text() if as_json else "\n".join(e.lines(top)))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``neurosem`` script: every failure is one ``error:`` line on stderr.
 

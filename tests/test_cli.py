@@ -14,8 +14,8 @@ COMMANDS = sorted(cli.commands)
 
 
 def test_every_command_is_listed():
-    assert COMMANDS == ["dissect", "distill", "distill-table", "doctor", "embed", "figures", "kl", "layers",
-                        "query", "quickstart", "record", "synth"]
+    assert COMMANDS == ["concepts", "dissect", "distill", "distill-table", "doctor", "embed", "explain", "figures",
+                        "kl", "layers", "query", "quickstart", "record", "synth"]
 
 
 @pytest.mark.parametrize("name", COMMANDS)
