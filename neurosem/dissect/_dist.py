@@ -22,7 +22,7 @@ from neurosem.distributed import Comm
 
 
 def merge_f16(comm: Comm, fq: Any) -> None:
-    """Sum the :class:`~neurosem.dissect._kernels.F16Quantile` ``fq`` over the ranks, in place.
+    """Sum the :class:`~neurosem.dissect._f16quantile.F16Quantile` ``fq`` over the ranks, in place.
 
     The coarse counts (``[C, 256]``, by the key's high byte) are summed first; they tell, per unit,
     the bucket of each of the two ranked values the quantile reads. Only those buckets' fine counts
@@ -30,7 +30,7 @@ def merge_f16(comm: Comm, fq: Any) -> None:
     other fine count. Every value the quantile depends on lies at or above each rank's floor, so
     each was counted by its rank.
     """
-    from neurosem.dissect._kernels import lazy_zeros
+    from neurosem.dissect._f16quantile import lazy_zeros
     from neurosem.dissect.quantile import top_count
 
     fq.coarse = comm.sum(fq.coarse)

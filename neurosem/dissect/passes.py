@@ -1,7 +1,7 @@
 """The two streaming passes of a dissection over ``activations.h5``, on the CPU or a torch device.
 
 1. thresholds: the exact per-unit ``1 - q`` quantile
-   (:class:`~neurosem.dissect._kernels.F16Quantile` for float16 stores on the CPU, else
+   (:class:`~neurosem.dissect._f16quantile.F16Quantile` for float16 stores on the CPU, else
    :class:`~neurosem.dissect.quantile.TopQuantile`);
 2. tallies against the Broden labels (from the label cache, :mod:`neurosem.data.label_cache`),
    and each unit's top images with their raw maps (:class:`~neurosem.dissect.topmaps.TopMaps`).
@@ -243,7 +243,7 @@ def _thresholds_cpu(store: Any, names: Sequence[str], shapes: dict, quantile: fl
                     batch_size: int, n_batches: int, progress: bool, workers: Any = None, comm: Any = None,
                     span: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     from neurosem._progress import progress as bar
-    from neurosem.dissect._kernels import F16Quantile
+    from neurosem.dissect._f16quantile import F16Quantile
 
     f16 = [name for name in names if np.dtype(store.dtype) == np.float16]
     other = [name for name in names if name not in f16]

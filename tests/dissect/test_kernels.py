@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from neurosem.dissect import _f16quantile as Q
 from neurosem.dissect import _kernels as K
 from neurosem.dissect.tally import Tally, unit_masks
 
@@ -97,7 +98,7 @@ def test_f16_quantile_is_numpys(q):
     x[3, 4, 0, 0] = -np.inf
     ref = np.quantile(x.astype(np.float64).transpose(1, 0, 2, 3).reshape(6, -1), 1 - q, axis=1)
     for total in (None, 40 * 25):                   # without / with skipping what cannot matter
-        fq = K.F16Quantile(6, q, total=total)
+        fq = Q.F16Quantile(6, q, total=total)
         for s in range(0, 40, 7):
             fq.add(x[s:s + 7])
         np.testing.assert_array_equal(fq.result(), ref)
@@ -110,7 +111,7 @@ def test_f16_quantile_skipping_is_exact_on_skewed_streams():
     x[40:, 0] = 300.0                                # a late burst of large values in unit 0
     for q in (0.005, 0.05, 0.4):
         ref = np.quantile(x.astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1), 1 - q, axis=1)
-        fq = K.F16Quantile(3, q, total=64 * 16)
+        fq = Q.F16Quantile(3, q, total=64 * 16)
         for s in range(0, 64, 5):
             fq.add(x[s:s + 5])
         np.testing.assert_array_equal(fq.result(), ref)
@@ -120,7 +121,7 @@ def test_f16_quantile_skipping_is_exact_on_skewed_streams():
 def test_f16_quantile_nan_unit_is_nan():
     x = np.ones((2, 2, 3, 3), dtype=np.float16)
     x[1, 0, 1, 1] = np.nan
-    fq = K.F16Quantile(2, 0.005)
+    fq = Q.F16Quantile(2, 0.005)
     fq.add(x)
     r = fq.result()
     assert np.isnan(r[0]) and r[1] == 1.0
@@ -175,7 +176,7 @@ def test_threads_give_the_same_tallies_and_thresholds_as_one():
     out = []
     for n in (1, 3):
         with K.Workers(n) as workers:
-            fq = K.F16Quantile(c, 0.05, total=b * h * w, workers=workers)
+            fq = Q.F16Quantile(c, 0.05, total=b * h * w, workers=workers)
             fq.add(acts[:2])
             fq.add(acts[2:])
             thr = fq.result()

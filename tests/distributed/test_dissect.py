@@ -25,7 +25,7 @@ def _acts(seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("q", [0.005, 0.05, 0.3])
 @pytest.mark.parametrize("cut", [(0, 12, 30), (0, 1, 30), (0, 7, 19, 30)])
 def test_f16_histograms_summed_give_the_exact_quantile(q, cut):
-    from neurosem.dissect._kernels import F16Quantile
+    from neurosem.dissect._f16quantile import F16Quantile
 
     x = _acts()
     ref = np.quantile(x.astype(np.float64).transpose(1, 0, 2, 3).reshape(5, -1), 1 - q, axis=1)
