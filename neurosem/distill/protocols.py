@@ -44,7 +44,7 @@ PROTOCOLS: dict[str, Protocol] = {
                       milestones=(50, 75, 90)),
     "crd": Protocol(lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64, epochs=240,
                     milestones=(150, 180, 210)),
-    # IEPKT's train_w_distill.py:29-37, 69 (after its 20 GNN epochs: x0.2 at 30/60/80 of the 100
+    # IEPKT's train_w_distill.py:29-37, 69, 209-216 (after its 20 GNN epochs: x0.2 at 30/60/80 of the 100
     # student epochs); Nesterov momentum 0.9 as the author's op_util.py (its IEPKT optimiser is missing)
     "iepkt": Protocol(lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=128, epochs=100,
                       milestones=(30, 60, 80), lr_decay=0.2, nesterov=True),

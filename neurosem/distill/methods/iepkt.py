@@ -4,8 +4,8 @@ a message-passing GNN, as the methods ``iepkt`` and ``iepkt-bb`` (+ the black-bo
 The algorithm follows the authors' TensorFlow code ``sseung0703/IEPKT`` (``nets/Distillation.py``,
 cited ``file:line``; the pieces are in :mod:`.iepkt_parts`), written anew in PyTorch:
 
-1. Sensing points: the BN+ReLU outputs at the end of each WRN group (``nets/WResNet.py:16-24,
-   98-100``: the pre-activation of the next group's first block, and the final BN+ReLU); for the
+1. Sensing points: the BN+ReLU outputs at the end of each WRN group (``nets/WResNet.py:14-24,
+   65-67, 109-111``: the pre-activation of the next group's first block, and the final BN+ReLU); for the
    other zoo families the stage ends (post-ReLU). Teacher and student must match in channels and
    size at each point (``Distillation.py:46-51`` reshapes the student with the teacher's sizes).
 2. Per image, the teacher's top singular pair ``(u, v)`` (sign fixed); the student's
@@ -160,7 +160,7 @@ class IEPKT(Method):
         return []      # the GNN is frozen in the main stage
 
     def init_parameters(self, student: nn.Module) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if not n.startswith("pca")]
+        return list(self.parameters())     # the GNN (and the black-box heads); the PCA state is buffers
 
     def _graph_modules(self) -> list[nn.Module]:
         return [self.gnn] + ([self.heads, self.estimators] if self.black_box else [])
