@@ -12,9 +12,11 @@ Setup (everything through the real pipeline: ``neurosem.distill.train.distill``,
   activations of the student's training images at its three stage ends, once at tau = 1 and
   once at the smaller tau used by the second SKD run (vectors fitted at the tau they are used at).
 - student: resnet8 (stages 16/32/64, as resnet20's), trained on the student split only, with CE,
-  KD, SKD (tau = 1 and tau small), SKD with random vectors, RKD, PKT, SP, CC (CRD protocol
-  shortened, CRD's loss weights, SKD's beta 0.5). The teacher's knowledge reaches the student only
-  through those 200 images (KD and the relation methods) or through the vectors (SKD).
+  KD, SKD (tau = 1 and tau small), SKD with random vectors, RKD, PKT, SP, CC, IEPKT and IEPKT with
+  its black-box term (CRD protocol shortened, CRD's loss weights, SKD's beta 0.5, IEPKT's weights
+  1 and its GNN stage scaled as its 20 : 100 epochs, i.e. 6 GNN epochs before 30 student epochs).
+  The teacher's knowledge reaches the student only through those 200 images (KD, the relation
+  methods, IEPKT) or through the vectors (SKD).
 - seeds: every method runs with the same seeds (student init, data order, augmentation); each
   method is paired with CE of the same seed: mean +- sd of the final test accuracy (last epoch, no
   selection on the test set), the mean paired difference, wins, and the paired t-test p-value
@@ -27,7 +29,11 @@ epochs. Full: 5 seeds, 30 student epochs, 20 teacher epochs (designed for about 
 idle cores). ``--quick``: 2 seeds, 3 epochs (about a minute; a smoke test, its numbers mean
 nothing). Prints a markdown table for the README.
 
+``--rows iepkt,iepkt-bb`` runs only those rows (and CE, their pair): the runs are seeded, so each
+row's numbers do not depend on which others run beside it.
+
 Usage: python benchmarks/distill_digits.py [--quick] [--seeds 5] [--epochs 40] [--jobs 2] [--out DIR]
+       [--rows kd,iepkt]
 """
 from __future__ import annotations
 
@@ -50,7 +56,10 @@ SMALL_TAU = 0.1
 # (label, method, temperature); "skd" rows use vectors embedded at that temperature
 ROWS = [("CE", "ce", None), ("KD", "kd", None), ("SKD (tau=1)", "skd", 1.0),
         (f"SKD (tau={SMALL_TAU})", "skd", SMALL_TAU), ("SKD, random vectors", "skd-random", 1.0),
-        ("RKD", "rkd", None), ("PKT", "pkt", None), ("SP", "sp", None), ("CC", "cc", None)]
+        ("RKD", "rkd", None), ("PKT", "pkt", None), ("SP", "sp", None), ("CC", "cc", None),
+        ("IEPKT", "iepkt", None), ("IEPKT + black box", "iepkt-bb", None)]
+#: IEPKT's GNN epochs per student epoch (its code: 20 before 100)
+IEPKT_INIT_RATIO = 20 / 100
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,10 +130,11 @@ def student_task(label: str, method: str, temperature: float | None, seed: int, 
     from neurosem.distill.train import distill
 
     t0 = time.perf_counter()
+    init = max(1, round(epochs * IEPKT_INIT_RATIO)) if method in ("iepkt", "iepkt-bb") else None
     res = distill(teacher=TEACHER, student=STUDENT, method=method, data=f"cifar100:{data_root}",
                   protocol="crd", epochs=epochs, seed=seed, device="cpu", run=out, batch_size=batch_size,
                   temperature=temperature or 1.0, teacher_weights=teacher_weights,
-                  teacher_vectors=teacher_vectors, num_workers=0, progress=False)
+                  teacher_vectors=teacher_vectors, num_workers=0, progress=False, init_epochs=init)
     return {"label": label, "method": method, "seed": seed, "final_acc": res["final_acc"],
             "best_acc": res["best_acc"], "epoch_time": res["mean_epoch_time"],
             "seconds": time.perf_counter() - t0}
@@ -133,13 +143,13 @@ def student_task(label: str, method: str, temperature: float | None, seed: int, 
 # ------------------------------------------------------------------------------------------------
 # statistics and the table
 
-def summarize(results: list[dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:
+def summarize(results: list[dict[str, Any]], seeds: list[int], table: list[tuple] | None = None) -> list[dict[str, Any]]:
     from scipy.stats import ttest_rel
 
     acc = {(r["label"], r["seed"]): r["final_acc"] for r in results}
     ce = np.array([acc[("CE", s)] for s in seeds])
     rows = []
-    for label, method, _ in ROWS:
+    for label, method, _ in table or ROWS:
         a = np.array([acc[(label, s)] for s in seeds])
         d = a - ce
         row = {"label": label, "method": method, "mean": a.mean(), "sd": a.std(ddof=1) if len(a) > 1 else 0.0,
@@ -177,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="parallel worker processes, one thread each")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--device", default="cpu", help="only cpu: the runs are sized for CPU workers")
+    ap.add_argument("--rows", default=None, help="comma-separated methods to run (CE always; default: every row)")
     args = ap.parse_args(argv)
+    wanted = None if args.rows is None else {"ce", *args.rows.split(",")}
+    table = [r for r in ROWS if wanted is None or r[1] in wanted]
+    if wanted is not None and not wanted <= {r[1] for r in ROWS}:
+        print(f"--rows: unknown {', '.join(sorted(wanted - {r[1] for r in ROWS}))}", file=sys.stderr)
+        return 2
     if args.device not in ("cpu", "auto"):
         print("this experiment runs on CPU worker processes; use --device cpu", file=sys.stderr)
         return 2
@@ -214,19 +230,19 @@ def main(argv: list[str] | None = None) -> int:
                                weights, vectors)
 
         # runs that need no teacher start while it trains
-        futures = [student(label, m, tau, s) for s in seeds for label, m, tau in ROWS if m in ("ce", "skd-random")]
+        futures = [student(label, m, tau, s) for s in seeds for label, m, tau in table if m in ("ce", "skd-random")]
         teacher = teacher_f.result()
         emb_f = {tau: pool.submit(embed_task, teacher["weights"], student_root, str(out / f"embed-tau{tau}"), tau)
-                 for tau in (1.0, SMALL_TAU)}
+                 for tau in (1.0, SMALL_TAU) if any(r[1] == "skd" for r in table)}
         futures += [student(label, m, tau, s, weights=teacher["weights"]) for s in seeds
-                    for label, m, tau in ROWS if m not in ("ce", "skd-random", "skd")]
+                    for label, m, tau in table if m not in ("ce", "skd-random", "skd")]
         embeddings = {tau: f.result() for tau, f in emb_f.items()}
         futures += [student(label, m, tau, s, vectors=embeddings[tau]["path"]) for s in seeds
-                    for label, m, tau in ROWS if m == "skd"]
+                    for label, m, tau in table if m == "skd"]
         results = [f.result() for f in futures]
     wall = time.perf_counter() - t_start
 
-    rows = summarize(results, seeds)
+    rows = summarize(results, seeds, table)
     report = {"setup": {"teacher": TEACHER, "student": STUDENT, "seeds": seeds, "epochs": epochs,
                         "teacher_epochs": t_epochs, "batch_size": bs, "split": sizes, "small_tau": SMALL_TAU, "jobs": args.jobs},
               "teacher": teacher, "embeddings": embeddings, "runs": results, "summary": rows,
@@ -238,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {len(seeds)} seeds, {epochs} student epochs, {t_epochs} teacher epochs (CRD protocol scaled, "
           f"batch {bs}), "
           f"{args.jobs} workers x 1 thread{'  [--quick: smoke test only]' if args.quick else ''}")
-    print(f"# teacher test accuracy {teacher['final_acc']:.2f}%; embedding loss tau=1: "
-          f"{embeddings[1.0]['final_loss']:.4f}, tau={SMALL_TAU}: {embeddings[SMALL_TAU]['final_loss']:.4f}")
+    emb_note = (f"; embedding loss tau=1: {embeddings[1.0]['final_loss']:.4f}, tau={SMALL_TAU}: "
+                f"{embeddings[SMALL_TAU]['final_loss']:.4f}") if embeddings else ""
+    print(f"# teacher test accuracy {teacher['final_acc']:.2f}%{emb_note}")
     print()
     print(markdown(rows))
     print()

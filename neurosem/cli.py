@@ -418,13 +418,16 @@ def figures(run: str | None, formats: str, layer: str | None, neuron: str | None
 @click.option("--method", default="skd", show_default=True,
               help="skd: the paper's static distillation; skd-random: SKD with random vectors (a control); "
                    "ce: the student alone; the baselines kd, fitnet, vid, ab, ft, at, sp, nst, fsp, cc, cc-rbf, "
-                   "rkd, pkt, crd (each with CRD's default weight).")
+                   "rkd, pkt, crd (each with CRD's default weight); iepkt, iepkt-bb: IEPKT (Lee & Song, AAAI "
+                   "2021; iepkt-bb adds its black-box term), for pairs with equal widths, e.g. wrn_40_4 -> "
+                   "wrn_16_4.")
 @click.option("--data", required=True, help="cifar100:ROOT (a folder holding cifar-100-python/).")
-@click.option("--protocol", type=click.Choice(["paper", "crd"]), default=None,
+@click.option("--protocol", type=click.Choice(["paper", "crd", "iepkt"]), default=None,
               help="Training schedule (SGD, momentum 0.9, weight decay 5e-4, batch 64, lr x0.1 at each "
                    "milestone): paper = 100 epochs, lr 0.1, milestones 50/75/90; crd = the CRD/RepDistiller "
-                   "benchmark's 240 epochs, lr 0.05, milestones 150/180/210 [default: crd for every method "
-                   "but skd, whose default is paper]. --epochs (milestones scale with it), --lr and "
+                   "benchmark's 240 epochs, lr 0.05, milestones 150/180/210; iepkt = IEPKT's 100 epochs, lr "
+                   "0.1, batch 128, x0.2 at 30/60/80, Nesterov [default: crd for every method "
+                   "but skd (paper) and iepkt (iepkt)]. --epochs (milestones scale with it), --lr and "
                    "--batch-size override it.")
 @click.option("--epochs", type=int, default=None, help="Override the protocol's epochs.")
 @click.option("--gamma", type=float, default=None, help="Weight of the cross-entropy (CRD's -r; default 1, kd 0.1).")
@@ -437,7 +440,26 @@ def figures(run: str | None, formats: str, layer: str | None, neuron: str | None
 @click.option("--nce-k", type=int, default=16384, show_default=True, help="CRD's negatives per sample.")
 @click.option("--nce-t", type=float, default=0.07, show_default=True, help="CRD's temperature.")
 @click.option("--nce-m", type=float, default=0.5, show_default=True, help="CRD's memory momentum.")
-@click.option("--init-epochs", type=int, default=None, help="Initialisation stage of ab, ft, fsp (default 30).")
+@click.option("--init-epochs", type=int, default=None,
+              help="Initialisation stage of ab, ft, fsp (default 30); IEPKT's GNN stage (default 20).")
+@click.option("--iep-alt", type=float, default=None,
+              help="IEPKT: weight of L_alt, the L1 between the messages (default 1; not from the paper: its "
+                   "optimiser is missing).")
+@click.option("--iep-int", type=float, default=None,
+              help="IEPKT: weight of L_int, the KL between the GNN readouts (default 1; not from the paper).")
+@click.option("--iep-bb", type=float, default=None,
+              help="iepkt-bb: weight of the black-box term L_BB (default 1; not from the paper).")
+@click.option("--iep-clip", type=click.Choice(["tensor", "global", "none"]), default=None,
+              help="IEPKT: clip each term's gradient to the cross-entropy gradient's norm per parameter tensor "
+                   "(default; the author's MHGD optimiser), over the whole gradient, or not (not from the paper).")
+@click.option("--iep-ramp/--no-iep-ramp", default=None,
+              help="IEPKT: scale that norm by sigmoid(epoch) over the student's epochs (default on; not from "
+                   "the paper).")
+@click.option("--iep-stats", type=click.Choice(["frozen", "update"]), default=None,
+              help="IEPKT: the teacher's PCA statistics after the GNN stage (default frozen; not from the paper).")
+@click.option("--iep-project", type=click.Choice(["updated", "previous"]), default=None,
+              help="IEPKT: project a batch with the PCA statistics updated by it (default) or the previous "
+                   "ones (not from the paper: the code leaves the order open).")
 @click.option("--teacher-weights", default=None, type=click.Path(dir_okay=False), help="Teacher checkpoint (.pth).")
 @click.option("--teacher-vectors", default=None, type=click.Path(),
               help="The teacher's embedding.h5 or its run directory (for skd).")
@@ -454,7 +476,8 @@ def figures(run: str | None, formats: str, layer: str | None, neuron: str | None
 def distill(teacher: str | None, student: str, method: str, data: str, protocol: str | None, epochs: int | None,
             gamma: float | None, alpha: float | None, beta: float | None, kd_T: float, temperature: float,
             hint_layer: int, feat_dim: int, nce_k: int, nce_t: float, nce_m: float, init_epochs: int | None,
-            teacher_weights: str | None, teacher_vectors: str | None, batch_size: int | None, lr: float | None,
+            iep_alt: float, iep_int: float, iep_bb: float, iep_clip: str, iep_ramp: bool, iep_stats: str,
+            iep_project: str, teacher_weights: str | None, teacher_vectors: str | None, batch_size: int | None, lr: float | None,
             seed: int, seeds: str | None, workers: int, run: str | None, device: str, quiet: bool) -> None:
     """Train a student with static knowledge distillation (paper eq. 2) or a baseline.
 
@@ -468,6 +491,8 @@ def distill(teacher: str | None, student: str, method: str, data: str, protocol:
           --teacher-vectors runs/resnet32x4 --data cifar100:data/cifar
       neurosem distill --teacher resnet32x4 --student resnet8x4 --method crd \\
           --teacher-weights resnet32x4.pth --data cifar100:data/cifar --seeds 0,1,2
+      neurosem distill --teacher wrn_40_4 --student wrn_16_4 --method iepkt \\
+          --teacher-weights wrn_40_4.pth --data cifar100:data/cifar
     """
     from neurosem.distill.tables import distill_cli
 
@@ -476,8 +501,16 @@ def distill(teacher: str | None, student: str, method: str, data: str, protocol:
                       kd_T=kd_T, temperature=temperature, hint_layer=hint_layer, feat_dim=feat_dim, nce_k=nce_k,
                       nce_t=nce_t, nce_m=nce_m, init_epochs=init_epochs, teacher_weights=teacher_weights,
                       teacher_vectors=teacher_vectors, batch_size=batch_size, lr=lr, num_workers=workers,
-                      progress=not quiet)
+                      progress=not quiet, iepkt=_iep_settings(alt=iep_alt, inter=iep_int, bb=iep_bb, clip=iep_clip,
+                                                              ramp=iep_ramp, stats=iep_stats, project=iep_project))
     click.echo(json.dumps(out))
+
+
+def _iep_settings(**given: object) -> dict | None:
+    """The --iep-* options given, as IEPKT's settings (``None`` when none is given)."""
+    names = {"alt": "alt_weight", "inter": "int_weight", "bb": "bb_weight"}
+    out = {names.get(k, k): v for k, v in given.items() if v is not None}
+    return out or None
 
 
 @cli.command("distill-table", context_settings=CONTEXT, short_help="Table-1-style summary of finished distill runs.")

@@ -130,6 +130,7 @@ class Distiller:
         if teacher is not None:
             for p in teacher.parameters():
                 p.requires_grad_(False)
+        method.bind_student(student)
 
     def part_names(self) -> list[str]:
         """The loss terms ``step`` reports, in order: ``ce``, then ``kd`` (alpha > 0), then the method's."""

@@ -67,7 +67,29 @@ def resolved_options(method: str, options: MethodOptions, weights: LossWeights) 
         out["feat_dim"] = options.feat_dim
     if method == "crd":
         out.update(nce_k=options.nce_k, nce_t=options.nce_t, nce_m=options.nce_m)
+    if method in ("iepkt", "iepkt-bb"):
+        iep = asdict(options.iepkt)
+        if method == "iepkt":
+            iep.pop("bb_weight")
+            iep.pop("heads")
+        out["iepkt"] = iep
     return out
+
+
+def _iepkt_options(method: str, given: Mapping[str, Any] | None) -> Any:
+    """IEPKT's settings for ``method`` (``None`` for every other method; given ones are refused there)."""
+    from neurosem.distill.methods.iepkt import IEPKTOptions
+
+    if method not in ("iepkt", "iepkt-bb"):
+        if given:
+            raise NeurosemError(f"the --iep-* options are IEPKT's; --method {method} takes none of them")
+        return None
+    if method == "iepkt" and given and "bb_weight" in given:
+        raise NeurosemError("--iep-bb weighs the black-box term of --method iepkt-bb; --method iepkt has none")
+    try:
+        return IEPKTOptions(**(given or {})).check()
+    except TypeError as exc:
+        raise NeurosemError(f"unknown IEPKT setting: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,14 +251,16 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
             progress: bool = True, *, alpha: float | None = None, gamma: float | None = None,
             kd_T: float = 4.0, hint_layer: int = 2, feat_dim: int = 128, nce_k: int = 16384,
             nce_t: float = 0.07, nce_m: float = 0.5, init_epochs: int | None = None,
-            sampler: Any = None) -> dict[str, Any]:
+            sampler: Any = None, iepkt: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train ``student`` on CIFAR with ``method``; returns the results (also in ``<run>/distill.json``).
 
     ``protocol``: ``crd`` for every method but SKD (default ``paper``), see :data:`PROTOCOLS`.
     Weights: ``gamma`` (CE), ``alpha`` (KD, temperature ``kd_T``), ``beta`` (the method's term);
     unset ones take the method's defaults. ``hint_layer``: FitNet's feature; ``feat_dim``,
     ``nce_k``, ``nce_t``, ``nce_m``: CRD's embedding width, negatives, temperature and momentum;
-    ``init_epochs``: the initialisation stage of AB, FT and FSP (default 30, RepDistiller's).
+    ``init_epochs``: the initialisation stage of AB, FT and FSP (default 30, RepDistiller's) and
+    IEPKT's GNN stage (default 20); ``iepkt``: IEPKT's settings (the fields of
+    :class:`neurosem.distill.methods.iepkt.IEPKTOptions`, e.g. ``{"clip": "global"}``).
     ``sampler``: the training set's sampler (default: a shuffle seeded per epoch); one with
     ``set_epoch`` (e.g. ``DistributedSampler``) is told each epoch.
 
@@ -264,7 +288,7 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
     spec = M.get(method)   # an unknown name lists the closest ones
     protocol = protocol or default_protocol(method)
     if protocol not in PROTOCOLS:
-        raise NeurosemError(f"unknown protocol {protocol!r}: choose paper or crd")
+        raise NeurosemError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     for flag, v in (("--temperature", temperature), ("--kd-T", kd_T), ("--nce-t", nce_t)):
         if not v > 0:
             raise NeurosemError(f"{flag} must be > 0, got {v}")
@@ -287,12 +311,12 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
                 f"`neurosem distill --method ce --student {teacher} --data {data}`)")
     if method == "ce":
         teacher = None
-    n_init = (30 if init_epochs is None else int(init_epochs)) if spec.init_stage else 0
+    n_init = (spec.default_init_epochs if init_epochs is None else int(init_epochs)) if spec.init_stage else 0
     if n_init < 0:
         raise NeurosemError(f"--init-epochs must be >= 0, got {init_epochs}")
     options = MethodOptions(kd_T=float(kd_T), hint_layer=int(hint_layer), temperature=float(temperature),
                             feat_dim=int(feat_dim), nce_k=int(nce_k), nce_t=float(nce_t), nce_m=float(nce_m),
-                            seed=int(seed))
+                            seed=int(seed), iepkt=_iepkt_options(method, iepkt))
     proto = PROTOCOLS[protocol].scaled(epochs)
     bs = int(batch_size or proto.batch_size)
     base_lr = float(lr if lr is not None else protocol_lr(protocol, student))
@@ -325,7 +349,8 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
     config = {
         "teacher": teacher, "student": student, "method": method, "protocol": protocol,
         "epochs": proto.epochs, "milestones": list(proto.milestones), "lr": base_lr,
-        "momentum": proto.momentum, "weight_decay": proto.weight_decay, "batch_size": bs,
+        "momentum": proto.momentum, **({"nesterov": True} if proto.nesterov else {}),
+        "weight_decay": proto.weight_decay, "batch_size": bs,
         "seed": int(seed), "weights": asdict(dist.weights),
         "options": resolved_options(method, options, dist.weights),
         "init_epochs": n_init, "init_lr": init_lr,
@@ -336,7 +361,8 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
         "student_layers": list(dist.s_taps.keys()),
     }
     params = list(dist.parameters())
-    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=proto.momentum, weight_decay=proto.weight_decay)
+    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=proto.momentum, weight_decay=proto.weight_decay,
+                                nesterov=proto.nesterov)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(proto.milestones),
                                                      gamma=proto.lr_decay)
     history: dict[str, list[float]] = {k: [] for k in (
@@ -403,7 +429,7 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
     with dist.hooked():
         if init_done < n_init:      # AB, FT, FSP: RepDistiller's initialisation stage (helper/pretrain.py)
             init_opt = torch.optim.SGD(dist.init_parameters(), lr=init_lr, momentum=proto.momentum,
-                                       weight_decay=proto.weight_decay)
+                                       weight_decay=proto.weight_decay, nesterov=proto.nesterov)
             if resumed.get("init_optimizer"):
                 init_opt.load_state_dict(resumed["init_optimizer"])
             for k in range(init_done, n_init):
@@ -429,6 +455,7 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             dist.train()
+            dist.criterion.set_epoch(epoch)
             names = ["loss"] + dist.part_names()
             acc_dtype = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
             acc_sums = torch.zeros(len(names) + 1, dtype=acc_dtype, device=dev)  # sums, then correct

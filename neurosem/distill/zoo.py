@@ -285,6 +285,8 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "wrn_16_2": partial(_wrn, 16, 2),
     "wrn_40_1": partial(_wrn, 40, 1),
     "wrn_40_2": partial(_wrn, 40, 2),
+    "wrn_16_4": partial(_wrn, 16, 4),    # IEPKT's student (Lee & Song, AAAI 2021)
+    "wrn_40_4": partial(_wrn, 40, 4),    # IEPKT's teacher
     "vgg8": partial(_vgg, "vgg8"),
     "vgg11": partial(_vgg, "vgg11"),
     "vgg13": partial(_vgg, "vgg13"),

@@ -70,13 +70,16 @@ def test_parameter_counts_are_exact():
     assert _n_params(zoo.build("resnet32x4")) == _resnet_count(32, [32, 64, 128, 256])
     assert _n_params(zoo.build("wrn_16_2")) == _wrn_count(16, 2)
     assert _n_params(zoo.build("wrn_40_2")) == _wrn_count(40, 2)
+    assert _n_params(zoo.build("wrn_16_4")) == _wrn_count(16, 4) == 2_772_020
+    assert _n_params(zoo.build("wrn_40_4")) == _wrn_count(40, 4) == 8_972_340
     assert _n_params(zoo.build("vgg8")) == _vgg_count([[64], [128], [256], [512], [512]])
     assert _n_params(zoo.build("vgg13")) == _vgg_count([[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]])
 
 
 @pytest.mark.parametrize("name,millions", [("resnet20", 0.28), ("resnet32x4", 7.43), ("wrn_40_2", 2.26),
                                            ("vgg13", 9.46), ("resnet8x4", 1.23), ("wrn_16_2", 0.70),
-                                           ("vgg8", 3.96), ("resnet56", 0.86), ("resnet110", 1.73)])
+                                           ("vgg8", 3.96), ("resnet56", 0.86), ("resnet110", 1.73),
+                                           ("wrn_16_4", 2.77), ("wrn_40_4", 8.97)])   # IEPKT's pair
 def test_parameter_counts_match_the_crd_models(name, millions):
     """The sizes the CRD benchmark reports for its CIFAR-100 models (100 classes), within 5%."""
     assert _n_params(zoo.build(name, num_classes=100)) / 1e6 == pytest.approx(millions, rel=0.05)

@@ -4,7 +4,8 @@ One registry and one factory (as timm's models): :func:`register` adds a class u
 ``name``, :func:`get` finds one (an unknown name is a one-line error naming the closest ones),
 :func:`create` builds it for a teacher/student pair, :func:`names` lists them. Each method or
 family lives in its own module: ``logits`` (ce, kd), ``skd`` (skd, skd-random), ``hints`` (fitnet,
-vid, ab, ft), ``maps`` (at, sp, nst, fsp), ``relations`` (cc, cc-rbf, rkd, pkt), ``contrast`` (crd).
+vid, ab, ft), ``maps`` (at, sp, nst, fsp), ``relations`` (cc, cc-rbf, rkd, pkt), ``contrast`` (crd),
+``iepkt`` (iepkt, iepkt-bb).
 
 Example:
     >>> get("crd").weights
@@ -62,3 +63,4 @@ from neurosem.distill.methods import hints as _hints  # noqa: E402,F401
 from neurosem.distill.methods import maps as _maps  # noqa: E402,F401
 from neurosem.distill.methods import relations as _relations  # noqa: E402,F401
 from neurosem.distill.methods import contrast as _contrast  # noqa: E402,F401
+from neurosem.distill.methods import iepkt as _iepkt  # noqa: E402,F401

@@ -10,7 +10,7 @@ RepDistiller's ``--init_epochs``). Its ``forward`` returns the method's loss ter
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -64,6 +64,8 @@ class MethodOptions:
     nce_m: float = 0.5
     seed: int = 0
     vector_dim: int = 16
+    #: IEPKT's settings (:class:`neurosem.distill.methods.iepkt.IEPKTOptions`; ``None``: its defaults)
+    iepkt: Any = None
 
 
 @dataclass
@@ -132,6 +134,8 @@ class Method(nn.Module):
     has_main_term: ClassVar[bool] = True
     #: whether the initialisation stage reads the student (FT's does not)
     init_uses_student: ClassVar[bool] = True
+    #: epochs of the initialisation stage when none are asked (RepDistiller's 30; IEPKT 20)
+    default_init_epochs: ClassVar[int] = 30
     summary: ClassVar[str] = ""
 
     def __init__(self, ctx: BuildContext) -> None:
@@ -148,6 +152,12 @@ class Method(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor | None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def bind_student(self, student: nn.Module) -> None:
+        """Called once by the Distiller with the student (IEPKT clips gradients in its parameters)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called at the start of each main-stage epoch (0-based; IEPKT's clipping ramp)."""
 
     def main_parameters(self) -> list[nn.Parameter]:
         """Parameters the main stage trains besides the student's (default: all of the method's)."""
