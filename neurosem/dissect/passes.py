@@ -119,24 +119,46 @@ def run_passes(store: Any, names: Sequence[str], labels: LabelSource, quantile: 
     """
     from neurosem.dissect.topmaps import TopMaps
 
+    n = store.n_done
+    lo, hi = (0, n) if comm is None else comm.shard(n, batch_size)   # this rank's images
     shapes = {name: store.shape(name) for name in names}
+    plan = _Plan(names=list(names), n=n, lo=lo, hi=hi, batch_size=batch_size,
+                 n_batches=-(-(hi - lo) // batch_size), shapes=shapes,
+                 primary=np.asarray(labels.ds.primary_category, dtype=np.int64),
+                 k_cat=len(labels.ds.categories), progress=progress, comm=comm)
     tops = {name: TopMaps(shapes[name][1], top_k, shapes[name][2:], np.dtype(store.dtype)) for name in names}
     timings = {} if timings is None else timings
     if engine == "cpu":
         from neurosem.dissect._kernels import Workers
 
         with Workers(threads) as workers:
-            thresholds, results = _passes_cpu(store, names, labels, quantile, batch_size, progress, timings,
-                                              workers, tops, comm)
+            thresholds, results = _passes_cpu(store, plan, labels, quantile, timings, workers, tops)
     else:
-        thresholds, results = _passes_torch(store, names, labels, quantile, device, batch_size, progress,
-                                            timings, tops, comm)
+        thresholds, results = _passes_torch(store, plan, labels, quantile, device, timings, tops)
     top = {name: tops[name].result() for name in names}
     if comm is not None:
         from neurosem.dissect._dist import merge_tops
 
         top = {name: merge_tops(comm.gather(top[name]), top_k) for name in names}
     return {name: LayerPass(threshold=thresholds[name], result=results[name], top=top[name]) for name in names}
+
+
+@dataclass
+class _Plan:
+    """What both passes of either engine share: the layers and their shapes, this rank's images
+    ``lo..hi`` of ``n`` (all of them without torchrun), the batches, the label categories."""
+
+    names: list[str]
+    n: int
+    lo: int
+    hi: int
+    batch_size: int
+    n_batches: int
+    shapes: dict[str, tuple[int, ...]]
+    primary: np.ndarray
+    k_cat: int
+    progress: bool
+    comm: Any
 
 
 def _batches(store: Any, names: Sequence[str], batch_size: int, lo: int, hi: int) -> Any:
@@ -147,9 +169,8 @@ def _batches(store: Any, names: Sequence[str], batch_size: int, lo: int, hi: int
     return store.iter_batches(names, batch_size, start=lo, stop=hi)
 
 
-def _passes_cpu(store: Any, names: Sequence[str], labels: LabelSource, quantile: float, batch_size: int,
-                progress: bool, timings: dict[str, float], workers: Any, tops: dict,
-                comm: Any = None) -> tuple[dict, dict]:
+def _passes_cpu(store: Any, plan: _Plan, labels: LabelSource, quantile: float, timings: dict[str, float],
+                workers: Any, tops: dict) -> tuple[dict, dict]:
     """Both passes with the compiled kernels: ``(thresholds, tally results)`` per layer."""
     import time
 
@@ -157,12 +178,8 @@ def _passes_cpu(store: Any, names: Sequence[str], labels: LabelSource, quantile:
     from neurosem.dissect import _kernels as K
     from neurosem.dissect.tally import tally_result
 
-    ds, n = labels.ds, store.n_done
-    lo, hi = (0, n) if comm is None else comm.shard(n, batch_size)   # this rank's images
-    n_batches = -(-(hi - lo) // batch_size)
-    shapes = {name: store.shape(name) for name in names}
-    k_cat = len(ds.categories)
-    primary = np.asarray(ds.primary_category, dtype=np.int64)
+    names, n, lo, hi, batch_size, n_batches = plan.names, plan.n, plan.lo, plan.hi, plan.batch_size, plan.n_batches
+    shapes, primary, k_cat, progress, comm = plan.shapes, plan.primary, plan.k_cat, plan.progress, plan.comm
     t0 = time.perf_counter()
     thresholds = _thresholds_cpu(store, names, shapes, quantile, n, batch_size, n_batches, progress, workers,
                                  comm, (lo, hi))
@@ -192,9 +209,8 @@ def _passes_cpu(store: Any, names: Sequence[str], labels: LabelSource, quantile:
     return thresholds, results
 
 
-def _passes_torch(store: Any, names: Sequence[str], labels: LabelSource, quantile: float, device: Any,
-                  batch_size: int, progress: bool, timings: dict[str, float], tops: dict,
-                  comm: Any = None) -> tuple[dict, dict]:
+def _passes_torch(store: Any, plan: _Plan, labels: LabelSource, quantile: float, device: Any,
+                  timings: dict[str, float], tops: dict) -> tuple[dict, dict]:
     """Both passes with torch on ``device``: ``(thresholds, tally results)`` per layer."""
     import time
 
@@ -203,12 +219,8 @@ def _passes_torch(store: Any, names: Sequence[str], labels: LabelSource, quantil
     from neurosem._progress import progress as bar
     from neurosem.dissect.tally import Tally
 
-    ds, n = labels.ds, store.n_done
-    lo, hi = (0, n) if comm is None else comm.shard(n, batch_size)   # this rank's images
-    n_batches = -(-(hi - lo) // batch_size)
-    shapes = {name: store.shape(name) for name in names}
-    k_cat = len(ds.categories)
-    primary = np.asarray(ds.primary_category, dtype=np.int64)
+    names, n, lo, hi, batch_size, n_batches = plan.names, plan.n, plan.lo, plan.hi, plan.batch_size, plan.n_batches
+    shapes, primary, k_cat, progress, comm = plan.shapes, plan.primary, plan.k_cat, plan.progress, plan.comm
     t0 = time.perf_counter()
     thresholds = _thresholds_torch(store, names, shapes, quantile, n, batch_size, n_batches, device, progress,
                                    comm, (lo, hi))
