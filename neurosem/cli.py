@@ -483,7 +483,9 @@ def distill(teacher: str | None, student: str, method: str, data: str, protocol:
 
     SKD needs only the teacher's vectors (neurosem embed TEACHER --data cifar100:ROOT); the
     teacher never runs. Checkpoints every epoch and resumes after an interruption. The resolved
-    settings (every weight, temperature and option) are written to RUN/distill.json.
+    settings (every weight, temperature and option) are written to RUN/distill.json. Under
+    torchrun every rank trains on its slice of each global batch (--batch-size is the global
+    batch) and rank 0 writes; a checkpoint resumes on any number of processes.
 
     \b
     Example:
@@ -493,6 +495,8 @@ def distill(teacher: str | None, student: str, method: str, data: str, protocol:
           --teacher-weights resnet32x4.pth --data cifar100:data/cifar --seeds 0,1,2
       neurosem distill --teacher wrn_40_4 --student wrn_16_4 --method iepkt \\
           --teacher-weights wrn_40_4.pth --data cifar100:data/cifar
+      torchrun --nproc-per-node 8 -m neurosem -- distill --teacher resnet32x4 \\
+          --student resnet8x4 --teacher-vectors runs/resnet32x4 --data cifar100:data/cifar
     """
     from neurosem.distill.tables import distill_cli
 

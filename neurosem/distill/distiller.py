@@ -137,6 +137,15 @@ class Distiller:
         names = ["ce"] + (["kd"] if self.weights.kd > 0 else [])
         return names + ([self.method] if type(self.criterion).has_main_term else [])
 
+    def unweighted(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``gamma CE + alpha KD + beta term`` from the parts ``step`` returned (detached)."""
+        total = self.weights.ce * parts["ce"]
+        if "kd" in parts:
+            total = total + self.weights.kd * parts["kd"]
+        if self.method in parts and self.method != "ce":
+            total = total + self.weights.beta * parts[self.method]
+        return total
+
     def parameters(self) -> Iterator[nn.Parameter]:
         yield from self.student.parameters()
         yield from self.criterion.main_parameters()
@@ -176,15 +185,22 @@ class Distiller:
         ft = self._t.pop()  # type: ignore[union-attr]
         return t_logits, [ft[k] for k in self.t_taps.keys()]
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """The training loss of one batch, the student's logits and the loss terms (detached)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None,
+             spread: Any = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of one batch, the student's logits and the loss terms (detached).
+
+        ``spread`` (a :class:`neurosem.distill._ddp.Spread`, under torchrun): ``x, y, index`` are
+        this rank's rows of the global batch; CE and KD are weighted by the rank's share and the
+        method's term is computed on the gathered global batch (the parts are unweighted: CE and
+        KD this rank's means, the term the global batch's).
+        """
         if self._s is None:
             raise RuntimeError("call Distiller.step inside `with distiller.hooked():`")
+        share = 1.0 if spread is None else spread.share
         logits = self.student(x)
         fs = self._s.pop()
         ce = F.cross_entropy(logits, y)
-        loss = self.weights.ce * ce
+        loss = self.weights.ce * ce * share
         parts = {"ce": ce.detach()}
         if self.method == "ce":
             return loss, logits, parts
@@ -192,17 +208,20 @@ class Distiller:
         t_logits, ft = self._teacher(x) if uses_teacher else (None, [])
         if self.weights.kd > 0:
             kd = self.kd(logits, t_logits)
-            loss = loss + self.weights.kd * kd
+            loss = loss + self.weights.kd * kd * share
             parts["kd"] = kd.detach()
-        term = self.criterion(Batch(fs=[fs[k] for k in self.s_taps.keys()], ft=ft, logits_s=logits,
-                                    logits_t=t_logits, y=y, index=index))
+        batch = Batch(fs=[fs[k] for k in self.s_taps.keys()], ft=ft, logits_s=logits, logits_t=t_logits,
+                      y=y, index=index)
+        term = self.criterion(batch if spread is None else spread.batch(batch))
         if term is not None:
             loss = loss + self.weights.beta * term
             parts[self.method] = term.detach()
         return loss, logits, parts
 
-    def init_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss of one batch of the initialisation stage (AB, FT, FSP)."""
+    def init_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None,
+                  spread: Any = None) -> torch.Tensor:
+        """The loss of one batch of the initialisation stage (AB, FT, FSP); ``spread`` as in :meth:`step`
+        (the loss is the global batch's)."""
         if self._s is None:
             raise RuntimeError("call Distiller.init_step inside `with distiller.hooked():`")
         fs: list[torch.Tensor] = []
@@ -211,7 +230,8 @@ class Distiller:
             out = self._s.pop()
             fs = [out[k] for k in self.s_taps.keys()]
         t_logits, ft = self._teacher(x)
-        return self.criterion.init_loss(Batch(fs=fs, ft=ft, logits_t=t_logits, y=y, index=index))
+        batch = Batch(fs=fs, ft=ft, logits_t=t_logits, y=y, index=index)
+        return self.criterion.init_loss(batch if spread is None else spread.batch(batch))
 
 
 def probe_shapes(model: nn.Module, taps: Taps, input_size: Sequence[int] = zoo.INPUT_SIZE) -> dict[str, tuple[int, ...]]:

@@ -18,13 +18,13 @@ tensors and plain containers only, read back with ``weights_only=True`` so a pla
 run code) and ``distill.json`` (the results so far) in the run directory; running the same
 command again resumes from the last completed epoch. Each epoch reseeds every RNG from ``(seed, epoch)``, so an
 interrupted and resumed run ends in the same state as an uninterrupted one.
+
+Under ``torchrun`` every rank trains on its slice of each global batch and rank 0 writes the
+files; the training is one process's up to float summation order (:mod:`neurosem.distill._ddp`).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import random
 import sys
 import time
 from dataclasses import asdict
@@ -33,14 +33,16 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from neurosem.distill import methods as M
 from neurosem.distill import zoo
+from neurosem.distill._ddp import Spread, broadcast_state, check_splittable, reduce_gradients, synced_batchnorm
+from neurosem.distill.loop import _collate, _datasets, _epoch_seed, _init_epoch, _seed_all, evaluate  # noqa: F401
 from neurosem.distill.distiller import build_distiller, resolve_weights, zoo_widths
 from neurosem.distill.methods import LossWeights, MethodOptions
 from neurosem.distill.protocols import PROTOCOLS, Protocol, default_protocol, protocol_lr
+from neurosem.distill.checkpoint import (_load_checkpoint, _resume, _rng_state, _save_checkpoint,  # noqa: F401
+                                         _set_rng_state, _write_json)
 from neurosem.distill.vectors import load_teacher_vectors
 from neurosem.errors import NeurosemError, RunMismatchError
 
@@ -90,137 +92,6 @@ def _iepkt_options(method: str, given: Mapping[str, Any] | None) -> Any:
         return IEPKTOptions(**(given or {})).check()
     except TypeError as exc:
         raise NeurosemError(f"unknown IEPKT setting: {exc}") from None
-
-
-# ------------------------------------------------------------------------------------------------
-# data
-
-def _datasets(data: str) -> tuple[Any, Any, str]:
-    from neurosem.data.cifar import (cifar_dataset, cifar_test_transform, cifar_train_transform,
-                                     parse_cifar_spec)
-
-    name, root, train = parse_cifar_spec(data)
-    if not train:
-        raise NeurosemError(f"--data {data}: give the training set ({name}:ROOT); the test split is "
-                            "used for evaluation automatically")
-    train_ds = cifar_dataset(root, name, train=True, transform=cifar_train_transform())
-    test_ds = cifar_dataset(root, name, train=False, transform=cifar_test_transform())
-    return train_ds, test_ds, name
-
-
-def _collate(items: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(images [B, 3, H, W], labels [B], dataset indices [B])`` (CRD's memory bank needs the indices)."""
-    return (torch.stack([it["image"] for it in items]),
-            torch.tensor([it["label"] for it in items], dtype=torch.long),
-            torch.tensor([it["index"] for it in items], dtype=torch.long))
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2 ** 31)
-
-
-def _seed_all(s: int) -> torch.Generator:
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)
-    return torch.Generator().manual_seed(s)
-
-
-def evaluate(model: nn.Module, loader: Any, device: torch.device) -> tuple[float, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of ``model`` over ``loader``."""
-    was_training = model.training
-    model.eval()
-    correct, total, loss = 0, 0, 0.0
-    with torch.inference_mode():
-        for x, y, *_ in loader:
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            logits = model(x)
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-            total += int(y.numel())
-    model.train(was_training)
-    return 100.0 * correct / max(total, 1), loss / max(total, 1)
-
-
-# ------------------------------------------------------------------------------------------------
-# checkpoints
-
-def _rng_state() -> dict[str, Any]:
-    """Every RNG's state as tensors, numbers and tuples (loadable with ``weights_only=True``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    npy = state["numpy"]
-    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically, in plain containers only (the scheduler's milestone Counter as a dict)."""
-    sched = state.get("scheduler")
-    if isinstance(sched, dict) and "milestones" in sched:
-        state = {**state, "scheduler": {**sched, "milestones": dict(sched["milestones"])}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-_CHECKPOINT_FIX = "delete it to start the run afresh, or pass another --run"
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint at ``path``, read with ``weights_only=True`` (a planted file cannot run code)."""
-    from neurosem._torchfile import load_tensors
-
-    state = load_tensors(path, "checkpoint", _CHECKPOINT_FIX)
-    missing = [k for k in ("config", "epoch", "model", "optimizer", "scheduler", "history", "rng")
-               if not isinstance(state, dict) or k not in state]
-    if missing or not isinstance(state["config"], dict):
-        raise NeurosemError(f"checkpoint {path} is not a neurosem distill checkpoint (no "
-                            f"{', '.join(missing) or 'config'}); {_CHECKPOINT_FIX}")
-    return state
-
-
-def _resume(path: Path, state: Mapping[str, Any], dist: Any, optimizer: torch.optim.Optimizer,
-            scheduler: Any) -> tuple[dict[str, list[float]], int, float | None]:
-    """Load the checkpoint's model, loss, optimiser, scheduler and RNG states (one line if it does not
-    fit); returns ``(history, epochs done, teacher_acc)``."""
-    from collections import Counter
-
-    try:
-        dist.student.load_state_dict(state["model"])
-        if dist.criterion is not None:
-            dist.criterion.load_state_dict(state["criterion"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scheduler.milestones = Counter(scheduler.milestones)
-        _set_rng_state(state["rng"])
-        history, epoch, teacher_acc = dict(state["history"]), int(state["epoch"]), state.get("teacher_acc")
-    except Exception as exc:  # noqa: BLE001 - any mismatch means the file is damaged or foreign
-        text = " ".join(str(exc).split())
-        text = text if len(text) <= 160 else text[:157] + "..."
-        raise NeurosemError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: {text}); "
-                            f"{_CHECKPOINT_FIX}") from None
-    return history, epoch, None if teacher_acc is None else float(teacher_acc)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _config_diff(saved: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str]:
@@ -280,12 +151,15 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
     from neurosem.distributed import current, together
     from neurosem.run import RunDir
 
-    comm = current()
-    if comm is not None:  # refused before anything is written (one line, on rank 0)
-        with together(comm):
-            raise NeurosemError("distill does not run under torchrun yet (no DistributedDataParallel training): "
-                                "run `neurosem distill ...` as one process")
-    spec = M.get(method)   # an unknown name lists the closest ones
+    comm = current()   # under torchrun: data parallel, the global batch preserved (neurosem.distill._ddp)
+    with together(comm):
+        spec = M.get(method)   # an unknown name lists the closest ones
+        if comm is not None and method in ("iepkt", "iepkt-bb"):
+            raise NeurosemError(f"--method {method} does not run under torchrun (its gradient clipping "
+                                "differentiates inside the loss): run it as one process")
+        if comm is not None and sampler is not None:
+            raise NeurosemError("distill(sampler=...) is a single process's: under torchrun every rank "
+                                "takes its slice of the seeded global batch")
     protocol = protocol or default_protocol(method)
     if protocol not in PROTOCOLS:
         raise NeurosemError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
@@ -322,9 +196,26 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
     base_lr = float(lr if lr is not None else protocol_lr(protocol, student))
 
     dev = resolve_device(device)
-    train_ds, test_ds, data_name = _datasets(data)
+    main = comm is None or comm.main
+    progress = progress and main
+    with together(comm):
+        train_ds, test_ds, data_name = _datasets(data)
+        why = None if comm is None else check_splittable(len(train_ds), bs, comm.size)
+        if why:
+            raise NeurosemError(f"{why} (under torchrun each rank trains on a slice of every batch)")
     num_classes = train_ds.num_classes
-    rd = RunDir(Path(run) if run is not None else _default_run(student, method, teacher, seed)).ensure()
+    rd = RunDir(Path(run) if run is not None else _default_run(student, method, teacher, seed))
+    if comm is not None:
+        comm.check_shared_dir(rd.path)
+        comm.check_same("distill", {"run": str(rd.path), "teacher": teacher, "student": student, "method": method,
+                                    "data": data, "protocol": protocol, "epochs": epochs, "seed": seed, "beta": beta,
+                                    "alpha": alpha, "gamma": gamma, "batch_size": bs, "lr": base_lr,
+                                    "num_workers": num_workers,
+                                    **{k: v for k, v in asdict(options).items() if k != "seed"},
+                                    "teacher_weights": _abs(teacher_weights), "teacher_vectors": _abs(teacher_vectors),
+                                    "init_epochs": init_epochs})
+    if main:
+        rd.ensure()
     ckpt_path, results_path, weights_path = rd.path / CHECKPOINT, rd.path / RESULTS, rd.path / WEIGHTS
 
     # -- the student, the loss and (baselines only) the teacher
@@ -344,6 +235,8 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
                            teacher_model=teacher_model, beta=beta, alpha=alpha, gamma=gamma, options=options,
                            n_data=len(train_ds), labels=labels)
     dist.to(dev)
+    if comm is not None:   # BatchNorm over the global batch: the statistics a single process sees
+        dist.student = synced_batchnorm(dist.student, dev)
     init_lr = dist.criterion.init_lr(student, base_lr) if n_init else None
 
     config = {
@@ -372,6 +265,8 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
         history.update({"init_loss": [], "init_time": []})
     start_epoch, teacher_acc = 0, None
 
+    if comm is not None:
+        comm.barrier()     # rank 0 made the run directory; a checkpoint there is read by every rank
     if ckpt_path.exists():
         state = _load_checkpoint(ckpt_path)
         diff = _config_diff(state["config"], config)
@@ -383,6 +278,8 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
             print(f"resuming {rd.path} after epoch {start_epoch}/{proto.epochs}", file=sys.stderr)
     resumed = state if ckpt_path.exists() else {}
     init_done = n_init if start_epoch > 0 else int(resumed.get("init_epoch", 0))
+    if comm is not None:
+        broadcast_state([dist.student, dist.criterion])   # built alike from the seed; rank 0's to be sure
 
     pin = dev.type == "cuda"
     if pin:
@@ -391,11 +288,14 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
     train_loader = torch.utils.data.DataLoader(
         train_ds, batch_size=bs, shuffle=sampler is None, sampler=sampler, num_workers=num_workers,
         collate_fn=_collate, pin_memory=pin, generator=gen if sampler is None else None, drop_last=False)
+    test_part = test_ds
+    if comm is not None:   # the test images are shared out; the counts are summed
+        test_part = torch.utils.data.Subset(test_ds, range(*comm.shard(len(test_ds))))
     test_loader = torch.utils.data.DataLoader(
-        test_ds, batch_size=max(bs, 256), shuffle=False, num_workers=num_workers, collate_fn=_collate,
+        test_part, batch_size=max(bs, 256), shuffle=False, num_workers=num_workers, collate_fn=_collate,
         pin_memory=pin)
     if teacher_model is not None and teacher_acc is None:
-        teacher_acc, _ = evaluate(teacher_model, test_loader, dev)
+        teacher_acc, _ = evaluate(teacher_model, test_loader, dev, comm)
 
     def results(status: str) -> dict[str, Any]:
         acc = history["test_acc"]
@@ -416,6 +316,8 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
         }
 
     def checkpoint(epoch: int, init_optimizer: Any = None) -> None:
+        if not main:      # every rank holds the same state: rank 0 writes it
+            return
         _save_checkpoint(ckpt_path, {
             "config": config, "epoch": epoch, "model": dist.student.state_dict(),
             "criterion": dist.criterion.state_dict(),
@@ -425,7 +327,10 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
             "init_optimizer": init_optimizer.state_dict() if init_optimizer is not None else None})
         _write_json(results_path, results("running"))
 
-    rd.update_meta("distill", {k: v for k, v in config.items()})
+    if main:
+        rd.update_meta("distill", {k: v for k, v in config.items()})
+    s_params = list(dist.student.parameters())
+    s_ids = {id(p) for p in s_params}
     with dist.hooked():
         if init_done < n_init:      # AB, FT, FSP: RepDistiller's initialisation stage (helper/pretrain.py)
             init_opt = torch.optim.SGD(dist.init_parameters(), lr=init_lr, momentum=proto.momentum,
@@ -438,8 +343,10 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
                 gen.manual_seed(es)
                 if hasattr(sampler, "set_epoch"):
                     sampler.set_epoch(-(k + 1))
-                mean, secs = _init_epoch(dist, train_loader, init_opt, dev, bar, progress, f"init {k + 1}/{n_init}")
+                mean, secs = _init_epoch(dist, train_loader, init_opt, dev, bar, progress, f"init {k + 1}/{n_init}",
+                                         comm, s_ids)
                 if not math.isfinite(mean):
+                    _quiet_if_not_main(comm)
                     raise NeurosemError(f"the {method} initialisation loss became {mean} in init epoch {k + 1}: "
                                         "lower --lr or --init-epochs")
                 history["init_loss"].append(mean)
@@ -467,28 +374,39 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
             batches = iter(train_loader)
             for x, y, index in bar(batches, total=len(train_loader), desc=f"epoch {epoch + 1}/{proto.epochs}",
                                    enabled=progress, unit="batch"):
+                spread = None
+                if comm is not None:   # this rank's slice of the global batch (every rank read all of it)
+                    spread = Spread.of(comm, int(y.shape[0]))
+                    x, y, index = spread.mine(x), spread.mine(y), spread.mine(index)
                 x = x.to(dev, non_blocking=True)
                 y = y.to(dev, non_blocking=True)
                 index = index.to(dev, non_blocking=True)
-                loss, logits, parts = dist.step(x, y, index)
+                loss, logits, parts = dist.step(x, y, index, spread)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if comm is not None:
+                    reduce_gradients(comm, s_params, [p for p in params if id(p) not in s_ids])
                 optimizer.step()
                 n = int(y.shape[0])
                 with torch.no_grad():   # accumulate on the device: no host sync per step
-                    values = [loss.detach()] + [parts[k] for k in names[1:]]
+                    first = loss.detach() if spread is None else dist.unweighted(parts)
+                    values = [first] + [parts[k] for k in names[1:]]
                     values.append((logits.detach().argmax(1) == y).sum() / n)
                     acc_sums += torch.stack([v.to(acc_dtype) for v in values]) * n
                 seen += n
+            if comm is not None:   # the ranks' sums: the global batch's
+                acc_sums = torch.from_numpy(comm.sum(acc_sums.cpu().numpy()))
+                seen = int(comm.sum(np.array([seen]))[0])
             totals = acc_sums.tolist()    # one sync per epoch
             sums = dict(zip(names, totals[:-1]))
             correct = int(round(totals[-1]))
             train_time = time.perf_counter() - t0
             scheduler.step()
             t1 = time.perf_counter()
-            test_acc, test_loss = evaluate(dist.student, test_loader, dev)
+            test_acc, test_loss = evaluate(dist.student, test_loader, dev, comm)
             eval_time = time.perf_counter() - t1
             if not math.isfinite(sums["loss"]):
+                _quiet_if_not_main(comm)
                 raise NeurosemError(f"the training loss became {sums['loss']} in epoch {epoch + 1}: lower --lr "
                                     f"or --beta (the checkpoint of epoch {epoch} is kept)")
             history["epoch"].append(epoch + 1)
@@ -506,28 +424,22 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
                 print(f"epoch {epoch + 1}/{proto.epochs}: loss {sums['loss'] / seen:.4f}, train "
                       f"{100.0 * correct / seen:.2f}%, test {test_acc:.2f}% ({train_time:.1f} s)", file=sys.stderr)
 
-    torch.save(dist.student.state_dict(), weights_path)
     out = results("complete")
-    _write_json(results_path, out)
+    if main:
+        torch.save(dist.student.state_dict(), weights_path)
+        _write_json(results_path, out)
+    if comm is not None:
+        out["world_size"] = comm.size
+        comm.barrier()     # the other ranks return when the files are there
     return out
 
 
-def _init_epoch(dist: Any, loader: Any, optimizer: torch.optim.Optimizer, dev: torch.device, bar: Any,
-                progress: bool, desc: str) -> tuple[float, float]:
-    """One epoch of the initialisation stage: ``(mean loss per image, seconds)``."""
-    dist.train()
-    total = torch.zeros((), dtype=torch.float32 if dev.type == "mps" else torch.float64, device=dev)
-    seen, t0 = 0, time.perf_counter()
-    batches = iter(loader)
-    for x, y, index in bar(batches, total=len(loader), desc=desc, enabled=progress, unit="batch"):
-        x, y, index = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), index.to(dev, non_blocking=True)
-        loss = dist.init_step(x, y, index)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach().to(total.dtype) * int(y.shape[0])
-        seen += int(y.shape[0])
-    return float(total) / max(seen, 1), time.perf_counter() - t0
+def _quiet_if_not_main(comm: Any) -> None:
+    """On ranks > 0 a failure every rank meets alike is reported by rank 0 (the CLI prints nothing)."""
+    from neurosem.distributed import ReportedOnRankZero
+
+    if comm is not None and not comm.main:
+        raise ReportedOnRankZero("reported on rank 0")
 
 
 def train_teacher(model: str, data: str, protocol: str = "crd", epochs: int | None = None, seed: int = 0,

@@ -28,8 +28,9 @@ def torchrun(args: Sequence[str], nproc: int = 2, env: Mapping[str, str] | None 
     return subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
 
 
-def spawn(argvs: Sequence[Sequence[str]], timeout: float = 240) -> list[subprocess.CompletedProcess]:
-    """One ``python -m neurosem ARGV`` per rank, with the environment torchrun would set."""
+def spawn(argvs: Sequence[Sequence[str]], timeout: float = 240, module: str = "neurosem"
+          ) -> list[subprocess.CompletedProcess]:
+    """One ``python -m MODULE ARGV`` per rank, with the environment torchrun would set."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -37,7 +38,7 @@ def spawn(argvs: Sequence[Sequence[str]], timeout: float = 240) -> list[subproce
     for rank, argv in enumerate(argvs):
         env = _env({"WORLD_SIZE": str(len(argvs)), "RANK": str(rank), "LOCAL_RANK": str(rank),
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-        procs.append(subprocess.Popen([sys.executable, "-m", "neurosem", *argv], cwd=ROOT, env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     out = []
     for p in procs:
