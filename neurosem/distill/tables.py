@@ -240,6 +240,11 @@ def distill_seeds(seeds: Sequence[int], run: str | Path | None = None, **kwargs:
     student, method, teacher = kwargs["student"], kwargs["method"], kwargs.get("teacher")
     group = Path(run) if run is not None else RUNS_ROOT / _group_name(student, method, teacher)
     results = [distill(seed=int(s), run=group / f"s{s}", **kwargs) for s in seeds]
+    from neurosem.distributed import is_quiet_rank
+
+    if is_quiet_rank():     # under torchrun rank 0 writes the summary
+        return {"runs": [r["run"] for r in results], "final_acc": [r["final_acc"] for r in results],
+                "best_acc": [r["best_acc"] for r in results], "tables": []}
     refs = [group.parent / _group_name(student, "ce", None), group.parent / _group_name(student, "kd", teacher)]
     runs, _ = load_runs([group] + [r for r in refs if r.is_dir() and r.resolve() != group.resolve()])
     tables = write_tables(summarize(runs), group)
