@@ -100,7 +100,7 @@ def train_concepts(run: Any = None, broden: Any = None, model: Any = None, layer
         comm.check_shared_dir(rd.path)
         comm.check_same("concepts", {"run": str(rd.path), "broden": str(broden), "layers": layers, "concepts": names,
                                      "model": str(getattr(model, "spec", model)), "categories": cats,
-                                     "config": dataclasses.asdict(cfg), "label_cache": str(label_cache),
+                                     **dataclasses.asdict(cfg), "label_cache": str(label_cache),
                                      "figures": figures, "weights": weights, "device": str(device)})
         progress = progress and comm.main
     with together(comm):

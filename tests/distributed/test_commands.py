@@ -69,6 +69,20 @@ def test_concepts_dissect_across_the_ranks_then_train_on_rank_zero(recorded, tmp
 
 
 @pytest.mark.slow
+def test_concepts_refuses_ranks_started_with_different_arguments(recorded, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(recorded / "run", run)
+    argv = ["concepts", "--run", str(run), "--broden", str(recorded / "broden"), "-b", "32", "-q"]
+    outs = spawn([[*argv, "--epochs", "2"], [*argv, "--epochs", "3"]])
+    assert [o.returncode for o in outs] == [2, 2]
+    assert error_lines(outs[0].stderr) == [
+        "error: the ranks were started with different concepts arguments (epochs: 2 on rank 0, 3 on rank 1); "
+        "launch every rank with the same command"]
+    assert (outs[1].stdout, outs[1].stderr) == ("", "")
+    assert _files(run) == _files(recorded / "run")                           # nothing written
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["kl", "-q"], ["query", "-n", "relu2:1", "-k", "3", "--figure", "FIG"],
                                      ["figures", "--formats", "png", "--dpi", "20"]])
 def test_analysis_runs_on_rank_zero_alone(analysed, tmp_path, capsys, command):
