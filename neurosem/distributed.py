@@ -12,7 +12,8 @@ merged here (numpy arrays through CPU tensors, so NCCL is never asked for a CPU 
 writes the shared files and prints the progress, and a failure that one rank detects is raised on
 rank 0 as one line while the other ranks raise :class:`ReportedOnRankZero` (the CLI prints
 nothing for it). The process group is destroyed by :func:`session` (the CLI wraps every command
-in it).
+in it). A command that does not split its work (``kl``, ``figures``, ...) runs on rank 0 alone, as
+one process, while the others wait (:func:`on_rank_zero`).
 """
 from __future__ import annotations
 
