@@ -140,7 +140,7 @@ class PaperShards:
         self.comm, self.temperature, self.device = comm, float(temperature), device
         ids = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else None
-        self.model = DistributedDataParallel(Vectors(), device_ids=ids, broadcast_buffers=False)
+        self.model = DistributedDataParallel(Vectors(), device_ids=ids)
         self.dtypes = [p.dtype for p in params]
         self.sizes = [int(p.shape[0]) for p in params]
 
