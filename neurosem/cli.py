@@ -322,7 +322,8 @@ def dissect(model: str | None, broden: str, run: str | None, layers: tuple[str, 
               help="fit: exact, one data pass then a full-batch fit; paper: the paper's SGD protocol.")
 @click.option("--epochs", default=100, show_default=True, help="Epochs of the paper trainer.")
 @click.option("--batch-size", "-b", type=BATCH, default=64, show_default=True,
-              help="Images per batch when recording, and the paper trainer's mini-batch size.")
+              help="Images per batch when recording, and the paper trainer's mini-batch size (under "
+                   "torchrun the global batch, shared among the processes).")
 @click.option("--lr", default=0.1, show_default=True, help="Learning rate of the paper trainer's SGD.")
 @click.option("--temperature", default=1.0, show_default=True,
               help="τ dividing the cosines before both softmaxes (1 = the paper's formula).")

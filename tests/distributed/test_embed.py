@@ -119,3 +119,17 @@ def test_no_store_is_refused_under_torchrun(recorded, tmp_path):
         "neurosem -- record MODEL --data PATH --run RUN`) and drop --no-store, or run without torchrun"]
     assert outs[1].stderr == ""
     assert not (run / "embedding.h5").exists()
+
+
+@pytest.mark.slow
+def test_the_paper_trainer_refuses_ranks_with_different_epochs(recorded, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(recorded, run)
+    argv = ["embed", "--run", str(run), "--trainer", "paper", "-q"]
+    outs = spawn([[*argv, "--epochs", "2"], [*argv, "--epochs", "3"]])
+    assert [o.returncode for o in outs] == [2, 2]
+    assert error_lines(outs[0].stderr) == [
+        "error: the ranks were started with different embed arguments (epochs: 2 on rank 0, 3 on rank 1); "
+        "launch every rank with the same command"]
+    assert outs[1].stderr == ""
+    assert not (run / "embedding.h5").exists()
