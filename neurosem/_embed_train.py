@@ -258,7 +258,7 @@ def train_paper(epoch_batches: EpochBatches, n_units: Mapping[str, int], dim: in
                 lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
                 milestones: Sequence[int] = (50, 75, 90), temperature: float = 1.0, seed: int = 0,
                 device: "torch.device | str | None" = None, pbar: "Mapping[str, torch.Tensor] | None" = None,
-                progress: bool = False) -> TrainResult:
+                progress: bool = False, comm: Any = None) -> TrainResult:
     """The paper's protocol: SGD on mini-batches of images, lr x0.1 after each milestone epoch.
 
     Epochs count from 1; with milestones (50, 75, 90), epochs 1-50 run at ``lr``, 51-75 at
@@ -272,6 +272,10 @@ def train_paper(epoch_batches: EpochBatches, n_units: Mapping[str, int], dim: in
         epoch_batches: ``epoch -> iterable of {layer: acts [B, C, H, W]}``, one shuffled pass
             (e.g. :func:`tensor_epoch_batches`, :func:`store_epoch_batches`).
         n_units: ``{layer: C}``, in the order of the layers.
+        comm: under ``torchrun`` (:func:`neurosem.distributed.current`), every rank is given the
+            same global mini-batches and trains on its share of each with DistributedDataParallel
+            (:class:`neurosem._dist_embed.PaperShards`): the global batch, the learning rate and the
+            vectors stay those of one process (up to float summation order).
 
     Example:
         >>> import torch
@@ -286,8 +290,13 @@ def train_paper(epoch_batches: EpochBatches, n_units: Mapping[str, int], dim: in
     dev = torch.device(device) if device is not None else torch.device("cpu")
     sum_dtype = torch.float32 if dev.type == "mps" else torch.float64       # MPS has no float64
     layers = list(n_units)
-    params = {l: init_vectors(c, dim, seed, l).to(dev, torch.float32).requires_grad_(True)
+    params = {l: torch.nn.Parameter(init_vectors(c, dim, seed, l).to(dev, torch.float32))
               for l, c in n_units.items()}
+    shards = None
+    if comm is not None:
+        from neurosem._dist_embed import PaperShards
+
+        shards = PaperShards(comm, [params[l] for l in layers], temperature, dev)
     opt = torch.optim.SGD(list(params.values()), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=0.1)
 
@@ -307,22 +316,27 @@ def train_paper(epoch_batches: EpochBatches, n_units: Mapping[str, int], dim: in
         seen = {l: torch.zeros((), dtype=sum_dtype, device=dev) for l in layers}
         n = 0
         for acts in epoch_batches(epoch):
-            losses = []
-            for l in layers:
-                x = as_tensor(acts[l], dev).flatten(2)
-                P = sum_similarity_probs(x, temperature, params[l].dtype) / x.shape[0]
-                losses.append(embedding_loss(P, params[l], temperature))
-            loss = torch.stack(losses).mean()
+            if shards is None:
+                losses = []
+                for l in layers:
+                    x = as_tensor(acts[l], dev).flatten(2)
+                    P = sum_similarity_probs(x, temperature, params[l].dtype) / x.shape[0]
+                    losses.append(embedding_loss(P, params[l], temperature))
+                loss = mean = torch.stack(losses).mean()
+                b = x.shape[0]
+            else:   # this rank's share of the batch; mean, losses: its parts of the batch's loss
+                loss, mean, losses, b = shards.losses([acts[l] for l in layers])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            b = x.shape[0]
-            total += loss.detach().to(sum_dtype) * b
+            total += mean.detach().to(sum_dtype) * b
             for l, v in zip(layers, losses):
                 seen[l] += v.detach().to(sum_dtype) * b
             n += b
         if n == 0:
             raise ValueError("epoch_batches yielded no images")
+        if shards is not None:
+            total, seen = shards.sum_epoch(total, seen)     # the parts of every rank
         sched.step()
         train = float(total) / n
         if not math.isfinite(train):

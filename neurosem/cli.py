@@ -33,6 +33,9 @@ INTERRUPTED = {
                "resume after the last one",
     "quickstart": "a finished synthetic set is kept; the other stages run again when you run the same command",
 }
+#: the commands that share their work among the ranks of a ``torchrun`` launch (or refuse it); every
+#: other command runs on rank 0 alone while the others wait (neurosem.distributed.on_rank_zero)
+TORCHRUN_COMMANDS = frozenset({"record", "dissect", "embed", "distill", "concepts", "quickstart"})
 
 
 def _split(values: Sequence[str]) -> list[str] | None:
@@ -319,7 +322,8 @@ def dissect(model: str | None, broden: str, run: str | None, layers: tuple[str, 
               help="fit: exact, one data pass then a full-batch fit; paper: the paper's SGD protocol.")
 @click.option("--epochs", default=100, show_default=True, help="Epochs of the paper trainer.")
 @click.option("--batch-size", "-b", type=BATCH, default=64, show_default=True,
-              help="Images per batch when recording, and the paper trainer's mini-batch size.")
+              help="Images per batch when recording, and the paper trainer's mini-batch size (under "
+                   "torchrun the global batch, shared among the processes).")
 @click.option("--lr", default=0.1, show_default=True, help="Learning rate of the paper trainer's SGD.")
 @click.option("--temperature", default=1.0, show_default=True,
               help="τ dividing the cosines before both softmaxes (1 = the paper's formula).")
@@ -579,7 +583,8 @@ def concepts(model: str | None, broden: str, run: str | None, layers: tuple[str,
                         categories=_split(categories), epochs=epochs, lr=lr, input=input_, batch_size=batch_size,
                         seed=seed, device=device, progress=not quiet, label_cache=label_cache,
                         figures=not no_figures, weights=weights)
-    click.echo("\n".join(summary_lines(cv)))
+    if cv is not None:  # None on ranks > 0 of a torchrun launch (rank 0 trains and writes)
+        click.echo("\n".join(summary_lines(cv)))
 
 
 @cli.command(context_settings=CONTEXT, short_help="Why one image got its class: concept maps and the logit split.")
@@ -619,9 +624,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from neurosem.distributed import ReportedOnRankZero, is_quiet_rank, session
 
     quiet_rank = is_quiet_rank()  # ranks > 0 under torchrun: rank 0 prints (neurosem.distributed)
+    command = next((a for a in args if not a.startswith("-")), "")
     try:
         with session(), _stdout_of(quiet_rank):
-            cli.main(args=args, prog_name="neurosem", standalone_mode=False)
+            _dispatch(args, command)
     except ReportedOnRankZero:
         sys.exit(2)
     except NeurosemError as exc:
@@ -630,7 +636,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         # record has already said what it saved (click wraps Ctrl-C in Abort)
         if any(getattr(e, "reported", False) for e in (exc, exc.__cause__, exc.__context__)):
             sys.exit(130)
-        command = next((a for a in args if not a.startswith("-")), "")
         _fail(f"interrupted: {INTERRUPTED.get(command, 'nothing to resume; run the command again')}", 130,
               prefix="")
     except click.UsageError as exc:
@@ -656,6 +661,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         text = " ".join(str(exc).split())
         _fail(f"internal error, please report it: {type(exc).__name__}: {text} "
               "(set NEUROSEM_DEBUG=1 for the traceback)", 1)
+
+
+def _dispatch(args: list[str], command: str) -> None:
+    """Run the command line; under torchrun, a command not in :data:`TORCHRUN_COMMANDS` on rank 0 alone."""
+    def run() -> None:
+        cli.main(args=args, prog_name="neurosem", standalone_mode=False)
+
+    if command in TORCHRUN_COMMANDS:
+        run()
+        return
+    from neurosem.distributed import current, on_rank_zero
+
+    on_rank_zero(run, current())  # current(): None for one process (nothing imported)
 
 
 def _stdout_of(quiet_rank: bool) -> object:

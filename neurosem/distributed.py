@@ -12,10 +12,12 @@ merged here (numpy arrays through CPU tensors, so NCCL is never asked for a CPU 
 writes the shared files and prints the progress, and a failure that one rank detects is raised on
 rank 0 as one line while the other ranks raise :class:`ReportedOnRankZero` (the CLI prints
 nothing for it). The process group is destroyed by :func:`session` (the CLI wraps every command
-in it).
+in it). A command that does not split its work (``kl``, ``figures``, ...) runs on rank 0 alone, as
+one process, while the others wait (:func:`on_rank_zero`).
 """
 from __future__ import annotations
 
+import contextvars
 import datetime
 import json
 import os
@@ -35,6 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover - numpy is imported by the collectives (th
 T = TypeVar("T")
 #: how long a rank waits in a collective for the others
 WAIT_HOURS = 4
+#: True while rank 0 runs a command alone (:func:`on_rank_zero`): :func:`current` is then None
+_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("neurosem_alone", default=False)
 
 
 class ReportedOnRankZero(NeurosemError):
@@ -288,10 +292,11 @@ def together(comm: "Comm | None") -> Any:
 def current(env: Mapping[str, str] | None = None) -> Comm | None:
     """The :class:`Comm` of this launch (joining the process group on the first call), or None.
 
-    None for a single process (``WORLD_SIZE`` unset or 1): then nothing is imported.
+    None for a single process (``WORLD_SIZE`` unset or 1): then nothing is imported; None also on
+    rank 0 while it runs a command alone (:func:`on_rank_zero`).
     """
     world = world_from_env(env)
-    if world.size <= 1:
+    if world.size <= 1 or _ALONE.get():
         return None
     import torch
     import torch.distributed as dist
@@ -309,6 +314,38 @@ def current(env: Mapping[str, str] | None = None) -> Comm | None:
         raise NeurosemError(f"the process group ({dist.get_world_size()} ranks) does not match WORLD_SIZE="
                             f"{world.size}: initialise it from torchrun's environment")
     return Comm(world)
+
+
+def on_rank_zero(fn: Callable[[], T], comm: "Comm | None") -> "T | None":
+    """``fn()`` on rank 0 alone, as one process, while the other ranks wait; their result is None.
+
+    For the commands that do not split their work (``kl``, ``figures``, the concept training...):
+    one process writes, so nothing is written twice, and what it writes is a single run's. Inside
+    ``fn`` :func:`current` is None, so a stage it calls runs as one process too. When ``fn``
+    fails on rank 0 (any exception, or ``sys.exit`` with a status other than 0) rank 0 raises it
+    as it is and the others raise :class:`ReportedOnRankZero`; Ctrl-C is not waited for.
+    With ``comm`` None (one process) it is just ``fn()``.
+    """
+    if comm is None:
+        return fn()
+    if not comm.main:
+        message = comm.gather(None)[0]
+        if message is not None:
+            raise ReportedOnRankZero(message)
+        return None
+    token = _ALONE.set(True)
+    try:
+        out = fn()
+    except SystemExit as exc:
+        comm.gather(None if exc.code in (None, 0) else f"exit status {exc.code}")
+        raise
+    except Exception as exc:
+        comm.gather(str(exc) or type(exc).__name__)
+        raise
+    finally:
+        _ALONE.reset(token)
+    comm.gather(None)
+    return out
 
 
 @contextmanager

@@ -529,13 +529,14 @@ def embed(model: "str | None" = None, data: Any = None, run: "str | Path | None"
     from neurosem.distributed import current, together
     from neurosem.run import resolve_run
 
-    comm = current()  # under torchrun: P-bar from the ranks' shares, the fit on rank 0 (neurosem._dist_embed)
+    comm = current()  # under torchrun: P-bar from the ranks' shares, fit on rank 0 / paper with DDP (_dist_embed)
     with together(comm):
         trainer, milestones, layer_list = _check_args(dim, trainer, epochs, batch_size, lr, momentum,
                                                       weight_decay, milestones, temperature, max_steps, tol, layers)
-        if comm is not None and (no_store or trainer != "fit"):
-            raise NeurosemError("under torchrun, embed runs --trainer fit on the stored activations: drop "
-                                "--no-store / --trainer paper, or run without torchrun")
+        if comm is not None:
+            from neurosem._dist_embed import check_world
+
+            check_world(comm, no_store, trainer, batch_size)
         dim = int(dim)
         dev = resolve_device(device)
         rd = resolve_run(run, getattr(model, "spec", model))
@@ -544,7 +545,9 @@ def embed(model: "str | None" = None, data: Any = None, run: "str | Path | None"
 
         check_embed_args(comm, str(rd.path), {"layers": layer_list, "dim": dim, "temperature": temperature,
                                               "seed": seed, "max_steps": max_steps, "tol": tol,
-                                              "batch_size": batch_size, "model": str(model), "data": str(data)})
+                                              "batch_size": batch_size, "model": str(model), "data": str(data),
+                                              "trainer": trainer, "epochs": epochs, "lr": lr, "momentum": momentum,
+                                              "weight_decay": weight_decay, "milestones": list(milestones)})
         progress = progress and comm.main
     source = (ModelSource(model, data, layer_list, weights, batch_size, dev, progress) if no_store
               else StoreSource.for_run(rd, model, data, layer_list, weights, batch_size, dev, progress))
@@ -557,7 +560,7 @@ def embed(model: "str | None" = None, data: Any = None, run: "str | Path | None"
             from neurosem._dist_embed import pbar_sharded
 
             pbar = pbar_sharded(comm, source, temperature, dev)
-            if not comm.main:  # rank 0 fits and writes
+            if not comm.main and trainer == "fit":  # rank 0 fits and writes
                 source.close()
                 comm.barrier()
                 return rd.embedding
@@ -569,9 +572,13 @@ def embed(model: "str | None" = None, data: Any = None, run: "str | Path | None"
         else:
             result = train_paper(source.epoch_batches(batch_size, seed), source.n_units, dim=dim, epochs=epochs,
                                  lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones,
-                                 temperature=temperature, seed=seed, device=dev, pbar=pbar, progress=progress)
+                                 temperature=temperature, seed=seed, device=dev, pbar=pbar, progress=progress,
+                                 comm=comm)
     finally:
         source.close()
+    if comm is not None and not comm.main:  # the paper trainer ran on every rank; rank 0 writes
+        comm.barrier()
+        return rd.embedding
     stuck = [l for l, ok in result.info.get("converged", {}).items() if not ok]
     if stuck:
         import sys

@@ -235,6 +235,13 @@ def quickstart(out: str = "runs/quickstart", device: str = "auto", seed: int = 0
 
     import torch
 
+    from neurosem.distributed import current
+
+    comm = current()
+    if comm is not None:  # one line on rank 0, nothing written (the others exit without a line)
+        with comm.together():
+            raise NeurosemError("quickstart runs as one process: run `neurosem quickstart` without torchrun; "
+                                "under torchrun run the stages (record, dissect, embed, concepts) one by one")
     cfg = config or QuickstartConfig(out=out, device=device, seed=seed, progress=progress)
     # One torch thread: float sums then do not depend on the core count, so the quickstart prints
     # the same numbers on every CPU machine (the README quotes them; on 2 busy cores it costs little).

@@ -7,6 +7,7 @@ train and the val split (or the seeded hold-out) gets a vector.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import Any
@@ -27,12 +28,11 @@ def _as_list(values: Any) -> list[str] | None:
     return out or None
 
 
-def _dissection(rd: Any, ds: Any, model: Any, layers: list[str] | None, device: str, batch_size: int,
-                progress: bool, label_cache: Any) -> Any:
-    """The run's dissection, made first when it is missing, of another Broden set, or lacks a layer."""
-    from neurosem.dissect import dissect, load_dissection
+def _existing_dissection(rd: Any, ds: Any, model: Any, layers: list[str] | None) -> Any:
+    """The run's dissection; None when it is missing, of another Broden set, or lacks a layer (and
+    then the activations are there or ``model`` can record them)."""
+    from neurosem.dissect import load_dissection
 
-    dis = None
     if rd.dissection.exists():
         dis = load_dissection(rd.dissection)
         same = dis.broden_fingerprint == ds.fingerprint() or dis.args.get("broden_fingerprint") == ds.fingerprint()
@@ -41,10 +41,7 @@ def _dissection(rd: Any, ds: Any, model: Any, layers: list[str] | None, device: 
     if model is None and not rd.activations.exists():
         raise NeurosemError(f"no activations in {rd.path}: pass the model to record them on the Broden images "
                             f"(`neurosem concepts MODEL --broden {ds.root} --run {rd.path}`)")
-    if progress:
-        print(f"concepts need the dissection thresholds of {rd.path}: dissecting first", file=sys.stderr)
-    return dissect(run=rd, broden=ds.root, model=model, layers=layers, device=device, batch_size=batch_size,
-                   progress=progress, report=False, label_cache=label_cache)
+    return None
 
 
 def train_concepts(run: Any = None, broden: Any = None, model: Any = None, layers: Any = None,
@@ -71,35 +68,63 @@ def train_concepts(run: Any = None, broden: Any = None, model: Any = None, layer
         weights: the weights of a ``model`` given by its spec (see :func:`neurosem.models.load_model`).
 
     Returns:
-        The :class:`~neurosem.concepts.io.ConceptVectors` written, with ``outputs`` and ``timings``.
+        The :class:`~neurosem.concepts.io.ConceptVectors` written, with ``outputs`` and ``timings``
+        (None on ranks > 0 under ``torchrun``: a missing dissection is made across the ranks, then
+        rank 0 alone trains and writes while the others wait, so the files are one process's).
 
     Example:
         >>> cv = train_concepts("runs/resnet18", broden="data/broden1_224", layers="layer4")  # doctest: +SKIP
     """
+    from neurosem.data.broden import BrodenDataset
+    from neurosem.dissect import dissect
+    from neurosem.distributed import current, on_rank_zero, together
+    from neurosem.run import resolve_run
+
+    comm = current()  # under torchrun: a missing dissection across the ranks, then rank 0 alone trains and writes
+    with together(comm):
+        cfg = TrainConfig(epochs=int(epochs), lr=float(lr), batch_size=int(batch_size), input=str(input),
+                          seed=int(seed))
+        cfg.check()
+        if broden is None or str(broden) == "":
+            raise NeurosemError("concept vectors need the Broden directory: pass --broden PATH (e.g. data/broden1_224)")
+        layers, names, cats = _as_list(layers), _as_list(concepts), _as_list(categories)
+        ds = BrodenDataset(broden, categories=cats, with_labels=True)
+        chosen = candidate_concepts(ds, names)
+        if isinstance(model, str):
+            from neurosem.models import load_model
+
+            model = load_model(model, weights)
+        rd = resolve_run(run, getattr(model, "spec", model))
+    t0 = time.perf_counter()
+    if comm is not None:
+        comm.check_shared_dir(rd.path)
+        comm.check_same("concepts", {"run": str(rd.path), "broden": str(broden), "layers": layers, "concepts": names,
+                                     "model": str(getattr(model, "spec", model)), "categories": cats,
+                                     **dataclasses.asdict(cfg), "label_cache": str(label_cache),
+                                     "figures": figures, "weights": weights, "device": str(device)})
+        progress = progress and comm.main
+    with together(comm):
+        dis = _existing_dissection(rd, ds, model, layers)
+    if dis is None:
+        if progress:
+            print(f"concepts need the dissection thresholds of {rd.path}: dissecting first", file=sys.stderr)
+        dis = dissect(run=rd, broden=ds.root, model=model, layers=layers, device=device, batch_size=cfg.batch_size,
+                      progress=progress, report=False, label_cache=label_cache)
+    return on_rank_zero(lambda: _train(rd, ds, dis, chosen, names, layers, cfg, model, device, progress, label_cache,
+                                       figures, t0), comm)
+
+
+def _train(rd: Any, ds: Any, dis: Any, chosen: Any, names: list[str] | None, layers: list[str] | None,
+           cfg: TrainConfig, model: Any, device: str, progress: bool, label_cache: Any, figures: bool,
+           t0: float) -> Any:
+    """The training and the files of :func:`train_concepts`, given the dissection (rank 0 alone under torchrun)."""
     from neurosem._device import resolve_device
     from neurosem.concepts.io import load_concepts, write_concepts, write_layer_csv
     from neurosem.concepts.train import train_layers
-    from neurosem.data.broden import BrodenDataset
     from neurosem.dissect.passes import LabelSource
-    from neurosem.run import resolve_run
     from neurosem.store import ActivationStore
 
-    cfg = TrainConfig(epochs=int(epochs), lr=float(lr), batch_size=int(batch_size), input=str(input),
-                      seed=int(seed))
-    cfg.check()
-    if broden is None or str(broden) == "":
-        raise NeurosemError("concept vectors need the Broden directory: pass --broden PATH (e.g. data/broden1_224)")
-    layers, names, cats = _as_list(layers), _as_list(concepts), _as_list(categories)
-    ds = BrodenDataset(broden, categories=cats, with_labels=True)
-    chosen = candidate_concepts(ds, names)
-    if isinstance(model, str):
-        from neurosem.models import load_model
-
-        model = load_model(model, weights)
-    rd = resolve_run(run, getattr(model, "spec", model))
-    t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    dis = _dissection(rd, ds, model, layers, device, cfg.batch_size, progress, label_cache)
     layers = layers or list(dis.layers)
     for name in layers:
         dis.threshold(name)      # a layer the dissection lacks: one line naming its layers

@@ -27,7 +27,7 @@ def test_a_usage_error_is_printed_by_rank_zero_only(monkeypatch, capsys, rank, p
 
 
 def test_reported_on_rank_zero_exits_silently_and_stdout_is_quiet(monkeypatch, capsys):
-    import neurosem.data.synthetic as synthetic
+    import neurosem.record as record
 
     def fail(*args, **kwargs):
         print("a result line")
@@ -35,8 +35,8 @@ def test_reported_on_rank_zero_exits_silently_and_stdout_is_quiet(monkeypatch, c
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr(synthetic, "synth", fail)
+    monkeypatch.setattr(record, "record", fail)
     with pytest.raises(SystemExit) as exc:
-        main(["synth", "out"])
+        main(["record", "m", "--data", "d"])
     assert exc.value.code == 2
     assert capsys.readouterr() == ("", "")
