@@ -92,3 +92,43 @@ def run_tasks(tasks: Sequence[Callable[[], Any]], workers: int | None = None,
             log.handle(record)
         results.append(result)
     return results
+
+
+class Background:
+    """``fn()`` in a forked process started now, its result discarded (it leaves files behind, e.g. a
+    cache); :meth:`wait` returns when it has finished, also from a process forked after this one
+    was made (the figure workers), so a task can wait for what it needs.
+
+    Example:
+        >>> job = Background(lambda: None)
+        >>> job.wait(10)
+        True
+        >>> job.join()
+    """
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self._done = ctx.Event()
+        self._proc = ctx.Process(target=self._main, args=(fn, self._done), daemon=True)
+        self._proc.start()
+
+    @staticmethod
+    def _main(fn: Callable[[], Any], done: Any) -> None:
+        try:
+            fn()
+        finally:                                    # also when fn fails: the waiters compute it themselves
+            done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the process has finished (or ``timeout`` seconds); True when it has."""
+        return bool(self._done.wait(timeout))
+
+    def join(self) -> None:
+        """Reap the process (only from the process that started it)."""
+        self._proc.join()
+
+
+def can_fork() -> bool:
+    """Whether worker processes can be forked here."""
+    return "fork" in multiprocessing.get_all_start_methods()
+

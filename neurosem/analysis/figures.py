@@ -342,8 +342,16 @@ def make_figures(run: Any = None, formats: "Sequence[str] | str" = DEFAULT_FORMA
             "kl_curves": lambda: _kl_task(rd, save),
             "semantic_map": lambda: _map_task(rd, layer, save),
             "similarity_heatmap": lambda: _heatmap_task(rd, layer, save)}
+    prefetch = _prefetch_map(rd, emb, layer, workers, len(names))
+    if prefetch is not None:
+        draw["semantic_map"] = lambda: (prefetch.wait(600), _map_task(rd, layer, save))[1]
     _preload(formats)
-    done = run_tasks([draw[n] for n in names], workers=workers, costs=[_COSTS[n] for n in names])
+    try:
+        done = run_tasks([draw[n] for n in names], workers=workers,
+                         costs=[-1.0 if n == "semantic_map" and prefetch else _COSTS[n] for n in names])
+    finally:
+        if prefetch is not None:
+            prefetch.join()
     written: list[Path] = []
     manifest: dict[str, Any] = {}
     for item in done:
@@ -360,6 +368,21 @@ _Saved = tuple[str, list[Path], dict[str, Any]]
 #: The matplotlib backend (and what it loads when writing) of each format.
 _BACKENDS = {"pdf": ("matplotlib.backends.backend_pdf", "fontTools.subset"), "svg": ("matplotlib.backends.backend_svg",),
              "png": ("PIL.PngImagePlugin",), "eps": ("matplotlib.backends.backend_ps",), "jpg": ("PIL.JpegImagePlugin",)}
+
+
+def _prefetch_map(rd: Any, emb: Any, layer: str, workers: int | None, n_tasks: int) -> Any:
+    """With several workers and no cached map of ``layer``, its t-SNE started now in a background
+    process (:class:`~neurosem.analysis._parallel.Background`) that writes the cache: it runs while
+    this process loads the writers, on the core that would idle; the map task waits for it last."""
+    from neurosem.analysis._parallel import Background, can_fork, default_workers
+    from neurosem.analysis.maps import cached_embed_2d, map_cache_path, map_is_cached
+
+    n = default_workers(n_tasks) if workers is None else int(workers)
+    S = np.asarray(emb.vectors(layer))
+    cache = map_cache_path(rd, layer)
+    if n <= 1 or not can_fork() or len(S) < 50 or map_is_cached(S, "auto", cache):
+        return None
+    return Background(lambda: cached_embed_2d(S, "auto", cache))
 
 
 def _preload(formats: Sequence[str]) -> None:

@@ -89,6 +89,15 @@ def cached_embed_2d(S: np.ndarray, method: str = "auto", cache: "Path | None" = 
     return xy, how
 
 
+def map_is_cached(S: np.ndarray, method: str, cache: "Path") -> bool:
+    """Whether ``cache`` holds the coordinates of ``S: [C, K]`` by ``method`` (:func:`map_key`)."""
+    try:
+        with np.load(cache, allow_pickle=False) as data:
+            return str(data["key"]) == map_key(S, method)
+    except (OSError, KeyError, ValueError):
+        return False
+
+
 def map_cache_path(rd: Any, layer: str) -> "Path":
     """Where the map coordinates of ``layer`` are cached: ``RUN/figures/.cache/map-<layer>.npz``."""
     safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in layer)

@@ -70,3 +70,49 @@ def test_make_figures_in_two_workers_writes_the_same_files(tmp_path):
     assert [p.name for p in one] == [p.name for p in two] and len(one) == 18
     for p, q in zip(one + [run / "figures" / "figures.json"], two + [copy / "figures" / "figures.json"]):
         assert p.read_bytes() == q.read_bytes(), p.name
+
+
+@needs_fork
+def test_background_runs_in_another_process_and_waits_from_a_later_fork(tmp_path):
+    marker = tmp_path / "done"
+    job = par.Background(lambda: marker.write_text(str(os.getpid())))
+    seen = par.run_tasks([lambda: (job.wait(60), marker.read_text())] * 2, workers=2)
+    job.join()
+    assert seen[0] == seen[1] == (True, marker.read_text()) and marker.read_text() != str(os.getpid())
+
+
+@needs_fork
+def test_background_failure_still_releases_the_waiters():
+    def boom():
+        raise RuntimeError("boom")
+
+    job = par.Background(boom)
+    assert job.wait(60)
+    job.join()
+
+
+@needs_fork
+def test_the_map_is_prefetched_into_the_cache_with_two_workers(tmp_path, monkeypatch):
+    """Two workers, no cached map: the t-SNE runs in the background and the map task reads the cache."""
+    import numpy as np
+
+    from neurosem.analysis import maps
+    from tests.analysis import write_embedding
+
+    S = np.random.default_rng(0).standard_normal((60, 6))
+    write_embedding(tmp_path / "r", {"l": S})
+    cache = tmp_path / "r" / "figures" / ".cache" / "map-l.npz"
+    started = []
+    real = par.Background
+    monkeypatch.setattr(par, "Background", lambda fn: started.append(1) or real(fn))
+    paths = figmod.make_figures(tmp_path / "r", formats="png", dpi=30, workers=2)
+    assert started == [1]
+    assert sorted(p.name for p in paths) == ["semantic_map.png", "similarity_heatmap.png"]
+    from neurosem.analysis.query import load_run_embedding
+
+    assert maps.map_is_cached(np.asarray(load_run_embedding(tmp_path / "r").vectors("l")), "auto", cache)
+    fresh = figmod.semantic_map_figure(tmp_path / "r", cache=False).neurosem_info["xy"]
+    with np.load(cache) as data:
+        assert np.array_equal(data["xy"], fresh)                    # the prefetched map is the map
+    monkeypatch.setattr(par, "Background", lambda fn: pytest.fail("prefetched although cached"))
+    figmod.make_figures(tmp_path / "r", formats="png", dpi=30, workers=2)
