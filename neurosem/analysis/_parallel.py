@@ -26,15 +26,24 @@ _TASKS: list[Callable[[], Any]] = []
 
 
 def default_workers(n_tasks: int) -> int:
-    """Worker processes for ``n_tasks``: the CPU cores this process may use, at most 2 and ``n_tasks``.
+    """Worker processes for ``n_tasks``: 2 when this process may use two cores or more and the
+    machine leaves at least half a core idle (1-minute load average <= cores - 0.5), else 1; at
+    most ``n_tasks``.
 
-    Two: the figures of a run are five or six tasks of uneven length, and the longest takes about
-    a third of the total, so more processes would add start-up and memory for little."""
+    Two: the figures of a run are five or six tasks of uneven length, the longest about a fifth of
+    the total. One on a busy machine: there a second process only adds its start-up and the
+    imports it repeats (measured on 2 cores at load 3: 8.2-8.5 s with one worker, 8.9-9.7 s with
+    two; at load 0.9, 5.0-5.6 s with two). The files do not depend on it.
+    """
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:                              # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, min(2, cores, n_tasks))
+    try:
+        busy = os.getloadavg()[0] > os.cpu_count() - 0.5 if cores >= 2 else True
+    except (AttributeError, OSError):                   # no load average (Windows)
+        busy = False
+    return max(1, min(1 if busy else 2, cores, n_tasks))
 
 
 class _Collect(logging.Handler):

@@ -50,9 +50,13 @@ def test_the_first_error_in_task_order_is_raised_after_the_logs_before_it(caplog
     assert [r.getMessage() for r in caplog.records] == ["task 0: ok"]
 
 
-def test_default_workers_at_most_two_and_the_tasks():
-    assert par.default_workers(1) == 1
-    assert 1 <= par.default_workers(6) <= 2
+@pytest.mark.parametrize("cores,load,n_tasks,expected", [(2, 0.0, 6, 2), (2, 1.5, 6, 2), (2, 1.51, 6, 1),
+                                                         (2, 3.0, 6, 1), (8, 3.0, 6, 2), (8, 0.0, 1, 1), (1, 0.0, 6, 1)])
+def test_default_workers_two_when_a_core_is_idle(monkeypatch, cores, load, n_tasks, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert par.default_workers(n_tasks) == expected
 
 
 @needs_fork
