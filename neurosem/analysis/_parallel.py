@@ -77,7 +77,7 @@ def run_tasks(tasks: Sequence[Callable[[], Any]], workers: int | None = None,
     """
     tasks = list(tasks)
     n = default_workers(len(tasks)) if workers is None else max(1, min(int(workers), len(tasks)))
-    if n <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if n <= 1 or not can_fork():
         return [task() for task in tasks]
     order = sorted(range(len(tasks)), key=lambda k: -(costs[k] if costs else 0.0))
     _TASKS[:] = tasks
@@ -138,6 +138,7 @@ class Background:
 
 
 def can_fork() -> bool:
-    """Whether worker processes can be forked here."""
-    return "fork" in multiprocessing.get_all_start_methods()
+    """Whether worker processes can be forked here (not on a platform without ``fork``, nor from a
+    daemonic process, e.g. a multiprocessing pool's worker, which may not have children)."""
+    return "fork" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon
 

@@ -120,3 +120,10 @@ def test_the_map_is_prefetched_into_the_cache_with_two_workers(tmp_path, monkeyp
         assert np.array_equal(data["xy"], fresh)                    # the prefetched map is the map
     monkeypatch.setattr(par, "Background", lambda fn: pytest.fail("prefetched although cached"))
     figmod.make_figures(tmp_path / "r", formats="png", dpi=30, workers=2)
+
+
+@needs_fork
+def test_inside_a_daemonic_worker_the_tasks_run_in_that_process():
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        out = pool.apply(par.run_tasks, ([os.getpid, os.getpid],), {"workers": 2})
+    assert len(set(out)) == 1 and out[0] != os.getpid()
