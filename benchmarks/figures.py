@@ -11,7 +11,8 @@ times are only as good as its quiet.
 The run: ``--run PATH`` (a finished run: embedding.h5, dissect.h5, ideally activations.h5 and
 kl.json), used through a scratch copy (small files copied with their times, so an up-to-date kl.json
 stays up to date; activations.h5 linked), so the given run is not touched. Without ``--run``, a run
-is made first: ResNet18 with random weights on a synthetic Broden-format set of ``--images`` images
+is made first: ResNet18 with random weights on a synthetic Broden-format set (224x224 images, 112x112
+labels) of ``--images`` images
 (``record``, ``dissect``, ``embed --trainer fit``, ``kl``; about a minute at 250 images).
 
 Usage: python benchmarks/figures.py [--run PATH] [--images 250] [--limit 5] [--keep DIR]
@@ -66,7 +67,7 @@ def make_run(work: Path, n_images: int) -> Path:
     from neurosem.data.synthetic import write_synthetic_broden
 
     data, run = work / "broden", work / "run"
-    write_synthetic_broden(data, n_images=n_images)
+    write_synthetic_broden(data, n_images=n_images, image_size=224, seg_size=112, seed=0)
     for argv in (["record", "resnet18", "--weights", "none", "--data", str(data), "--run", str(run), "-q"],
                  ["dissect", "resnet18", "--weights", "none", "--broden", str(data), "--run", str(run), "-q"],
                  ["embed", "--run", str(run), "--trainer", "fit", "-q"],
