@@ -1,13 +1,16 @@
 """Exact t-SNE and PCA in numpy for the semantic map (no scikit-learn import: 1.3-2 s saved per run).
 
 :func:`tsne` follows scikit-learn's ``TSNE(method="exact", init="pca", learning_rate="auto")``
-step by step (van der Maaten & Hinton 2008): per-row Gaussian affinities on the given distances
-with the bandwidth found by bisection to the perplexity, symmetrised ``P``; Student-t ``Q`` in 2-D;
-gradient descent with momentum and per-coordinate gains, 250 iterations at early exaggeration 12
-and momentum 0.5, then momentum 0.8 up to ``max_iter``; the learning rate ``max(N / 48, 50)``;
-the start is the data's first two principal components scaled to a standard deviation of 1e-4.
-The gradient is exact (every pair): the semantic maps have at most a few thousand units, and for
-the 512 of a ResNet18 block one iteration costs about a millisecond in float32.
+(van der Maaten & Hinton 2008): per-row Gaussian affinities on the given distances with the
+bandwidth found by bisection to the perplexity, symmetrised ``P``; Student-t ``Q`` in 2-D; gradient
+descent with momentum and per-coordinate gains, 250 iterations at early exaggeration 12 and
+momentum 0.5, then momentum 0.8 up to ``max_iter``, each stage stopping early as scikit-learn's;
+the learning rate ``max(N / 48, 50)``; the start is the data's first two principal components
+scaled to a standard deviation of 1e-4. Unlike scikit-learn's exact method the iterations run in
+float32 (4x faster here than float64) and the gradient omits the 2.2e-16 floor on ``Q`` (it never
+binds off the diagonal). The gradient is exact (every pair): the maps have at most a few thousand
+units; the 512 of a ResNet18 block take 1.3-2 s for the 1,000 iterations on this machine's CPU.
+The tests compare the result's KL and trustworthiness with scikit-learn's.
 
 Example:
     >>> import numpy as np
