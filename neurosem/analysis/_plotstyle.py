@@ -164,8 +164,9 @@ def save_figure(fig: "Figure", path_without_suffix: "str | Path",
     base.parent.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     with matplotlib.rc_context(_SAVE_RC):
-        # the tight box once (one draw), not once per format (bbox_inches="tight" draws twice per file)
-        fig.canvas.draw()
+        # the tight box once, not once per format (bbox_inches="tight" draws twice per file), from a
+        # layout-only draw (nothing rasterised: what savefig's own "tight" does)
+        fig.draw_without_rendering()
         box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.02)
         for fmt in formats:
             out = base.with_name(base.name + "." + fmt)

@@ -61,12 +61,12 @@ def _draw_panel(ax: Any, panels: Panels, u: int, i: int) -> None:
     the image), or the map alone with the mask's outline; an empty mask is written on the panel."""
     mask = panels.masks[u, i]
     if panels.images is not None:
-        ax.imshow(panels.images[i], interpolation="nearest")
         shown = display_mask(mask, panels.images.shape[1:3])
-        overlay = np.zeros((*shown.shape, 4), dtype=np.float32)
-        overlay[..., :3] = MASK_COLOR
-        overlay[..., 3] = np.where(shown, MASK_ALPHA, 0.0)
-        ax.imshow(overlay, interpolation="nearest")
+        # the light fill blended into the image here (one opaque image per panel, not an image
+        # and a transparent overlay: half the resampling and encoding in every format)
+        image = np.asarray(panels.images[i], dtype=np.float32)
+        alpha = np.where(shown, np.float32(MASK_ALPHA), np.float32(0.0))[..., None]
+        ax.imshow(image * (1 - alpha) + np.asarray(MASK_COLOR, dtype=np.float32) * alpha, interpolation="nearest")
         edge = MASK_EDGE
     else:
         shown = mask
@@ -280,8 +280,14 @@ def kl_figure(result: dict[str, Any], layers: Sequence[str] | None = None) -> "F
 
 
 # ------------------------------------------------------------------------------ entry points
+#: Relative cost of each figure (measured on a ResNet18 run), so that the longest start first.
+_COSTS = {"neighbours": 3.0, "kl_curves": 2.3, "additive": 2.0, "semantic_map": 1.7, "similarity_heatmap": 1.1,
+          "dissect_summary": 0.4}
+
+
 def make_figures(run: Any = None, formats: "Sequence[str] | str" = DEFAULT_FORMATS, dpi: int = DEFAULT_DPI,
-                 layer: str | None = None, unit: "NeuronId | str | None" = None, n_images: int = 4) -> list[Path]:
+                 layer: str | None = None, unit: "NeuronId | str | None" = None, n_images: int = 4,
+                 workers: int | None = None) -> list[Path]:
     """Write the figures of a run into ``RUN/figures`` and return the written files.
 
     Draws ``neighbours`` and ``additive`` (need activations.h5), ``kl_curves`` (needs dissect.h5;
@@ -289,14 +295,16 @@ def make_figures(run: Any = None, formats: "Sequence[str] | str" = DEFAULT_FORMA
     ``similarity_heatmap`` of ``layer`` (default: the last embedded layer) around ``unit`` (default:
     :func:`~neurosem.analysis.defaults.default_unit`; the additive pair:
     :func:`~neurosem.analysis.defaults.default_pair`). A figure whose inputs are missing is skipped with a note on stderr.
-    ``figures/figures.json`` lists what each figure shows.
+    ``figures/figures.json`` lists what each figure shows. The figures are drawn side by side in
+    ``workers`` processes (default: up to 2, :func:`~neurosem.analysis._parallel.default_workers`);
+    the files do not depend on it.
 
     Example:
         >>> make_figures("runs/resnet18", formats=("pdf", "png"))   # doctest: +SKIP
         [PosixPath('runs/resnet18/figures/neighbours.pdf'), ...]
     """
-    from neurosem.analysis.kl import kl_curves, read_kl_json
-    from neurosem.analysis.query import _as_id, check_query_units, load_run_dissection, load_run_embedding, run_dir
+    from neurosem.analysis._parallel import run_tasks
+    from neurosem.analysis.query import _as_id, check_query_units, load_run_embedding, run_dir
 
     formats = check_formats(formats)
     rd = run_dir(run)
@@ -307,60 +315,143 @@ def make_figures(run: Any = None, formats: "Sequence[str] | str" = DEFAULT_FORMA
         layer = nid.layer
     layer = check_layer(rd, emb, layer)
     out_dir = rd.figures
-    written: list[Path] = []
-    manifest: dict[str, Any] = {}
 
-    def save(name: str, fig: "Figure", info: dict[str, Any]) -> None:
+    def save(name: str, fig: "Figure", info: dict[str, Any]) -> tuple[str, list[Path], dict[str, Any]]:
         paths = save_figure(fig, out_dir / name, formats, dpi=dpi, close=True)
-        written.extend(paths)
-        manifest[name] = {"files": [p.name for p in paths], **info}
+        return name, paths, {"files": [p.name for p in paths], **info}
 
     stored: list[str] = []
     if rd.activations.exists():
         with open_store(rd) as store:
             stored = list(store.layers)
+    names: list[str] = []
     if layer in stored:
-        a, b, c = default_pair(rd, layer)
-        with open_store(rd) as store:
-            dissected = rd.dissection.exists() and layer in (load_run_dissection(rd).layers)
-            if unit is not None:
-                nid, rows = _as_id(unit), None
-            elif dissected:
-                nid, rows = choose_unit(rd, layer, np.asarray(emb.vectors(layer), dtype=np.float64), n_images,
-                                        store=store)
-            else:
-                nid, rows = default_unit(rd, layer), None
-            wanted = ([] if rows is not None else [nid.index]) + [c.index]
-            score, mean = unit_maxima(store, layer, wanted, with_means=True)   # one pass: the images
-            found = [top_rows(score[:, k], n_images, tie=mean[:, k]) for k in range(len(wanted))]
-        nid_rows = rows if rows is not None else found[0]
-        fig = neighbours_figure(rd, nid, n_images=n_images, rows=nid_rows)
-        save("neighbours", fig, _jsonable(fig.neurosem_info))
-        fig = additive_figure(rd, a, add=[b], n_images=n_images, rows=found[-1])
-        save("additive", fig, _jsonable(fig.neurosem_info))
+        names += ["neighbours", "additive"]
     else:
         why = "no activations.h5" if not rd.activations.exists() else f"no activations of {layer} in activations.h5"
         log.warning("note: %s in %s: the neighbours and additive figures are skipped "
                     "(run `neurosem record ... --layers %s` to draw them)", why, rd.path, layer)
     if rd.dissection.exists():
-        from neurosem.dissect.report import summary_figure
-
-        save("dissect_summary", summary_figure(load_run_dissection(rd)), {"from": "dissect.h5"})
-        try:
-            result = read_kl_json(rd) or kl_curves(rd)
-        except NeurosemError as exc:
-            log.warning("note: the KL figure is skipped: %s", exc)
-        else:
-            save("kl_curves", kl_figure(result), {"from": "kl.json"})
+        names += ["dissect_summary", "kl_curves"]
     else:
         log.warning("note: no dissect.h5 in %s: the KL figure is skipped (run `neurosem dissect` to draw it)", rd.path)
-    fig = semantic_map_figure(rd, layer)
-    save("semantic_map", fig, {"layer": layer, "method": fig.neurosem_info["method"],
-                               "labelled": fig.neurosem_info["labelled"]})
-    fig = similarity_heatmap_figure(rd, layer)
-    save("similarity_heatmap", fig, {"layer": layer, "order": [int(u) for u in fig.neurosem_info["order"]]})
+    names += ["semantic_map", "similarity_heatmap"]
+    draw = {"neighbours": lambda: _neighbours_task(rd, emb, layer, unit, n_images, save),
+            "additive": lambda: _additive_task(rd, layer, n_images, save),
+            "dissect_summary": lambda: _summary_task(rd, save),
+            "kl_curves": lambda: _kl_task(rd, save),
+            "semantic_map": lambda: _map_task(rd, layer, save),
+            "similarity_heatmap": lambda: _heatmap_task(rd, layer, save)}
+    prefetch = _prefetch_map(rd, emb, layer, workers, len(names))
+    if prefetch is not None:
+        draw["semantic_map"] = lambda: (prefetch.wait(600), _map_task(rd, layer, save))[1]
+    _preload(formats)
+    try:
+        done = run_tasks([draw[n] for n in names], workers=workers,
+                         costs=[-1.0 if n == "semantic_map" and prefetch else _COSTS[n] for n in names])
+    finally:
+        if prefetch is not None:
+            prefetch.join()
+    written: list[Path] = []
+    manifest: dict[str, Any] = {}
+    for item in done:
+        if item is not None:
+            name, paths, info = item
+            written.extend(paths)
+            manifest[name] = info
     (out_dir / "figures.json").write_text(json.dumps(manifest, indent=2))
     return written
+
+
+_Saved = tuple[str, list[Path], dict[str, Any]]
+
+#: The matplotlib backend (and what it loads when writing) of each format.
+_BACKENDS = {"pdf": ("matplotlib.backends.backend_pdf", "fontTools.subset"), "svg": ("matplotlib.backends.backend_svg",),
+             "png": ("PIL.PngImagePlugin",), "eps": ("matplotlib.backends.backend_ps",), "jpg": ("PIL.JpegImagePlugin",)}
+
+
+def _prefetch_map(rd: Any, emb: Any, layer: str, workers: int | None, n_tasks: int) -> Any:
+    """With several workers and no cached map of ``layer``, its t-SNE started now in a background
+    process (:class:`~neurosem.analysis._parallel.Background`) that writes the cache: it runs while
+    this process loads the writers, on the core that would idle; the map task waits for it last."""
+    from neurosem.analysis._parallel import Background, can_fork, default_workers
+    from neurosem.analysis.maps import cached_embed_2d, map_cache_path, map_is_cached
+
+    n = default_workers(n_tasks) if workers is None else int(workers)
+    S = np.asarray(emb.vectors(layer))
+    cache = map_cache_path(rd, layer)
+    if n <= 1 or not can_fork() or len(S) < 50 or map_is_cached(S, "auto", cache):
+        return None
+    return Background(lambda: cached_embed_2d(S, "auto", cache))
+
+
+def _preload(formats: Sequence[str]) -> None:
+    """Import the writers of ``formats`` here, once, before the workers fork (each would import
+    them again: about 1 s of CPU per worker for PDF and SVG, measured)."""
+    import importlib
+
+    for fmt in formats:
+        for module in _BACKENDS.get(fmt, ()):
+            importlib.import_module(module)
+
+
+def _neighbours_task(rd: Any, emb: Any, layer: str, unit: "NeuronId | str | None", n_images: int,
+                     save: Any) -> _Saved:
+    """The neighbours figure of ``unit`` (default: :func:`choose_unit`'s) over its top images."""
+    from neurosem.analysis.query import _as_id, load_run_dissection
+
+    with open_store(rd) as store:
+        dissected = rd.dissection.exists() and layer in (load_run_dissection(rd).layers)
+        if unit is not None:
+            nid, rows = _as_id(unit), None
+        elif dissected:
+            nid, rows = choose_unit(rd, layer, np.asarray(emb.vectors(layer), dtype=np.float64), n_images,
+                                    store=store)
+        else:
+            nid, rows = default_unit(rd, layer), None
+        if rows is None:
+            score, mean = unit_maxima(store, layer, [nid.index], with_means=True)
+            rows = top_rows(score[:, 0], n_images, tie=mean[:, 0])
+    fig = neighbours_figure(rd, nid, n_images=n_images, rows=rows)
+    return save("neighbours", fig, _jsonable(fig.neurosem_info))
+
+
+def _additive_task(rd: Any, layer: str, n_images: int, save: Any) -> _Saved:
+    """The additive figure of :func:`default_pair` over the top images of the pair's nearest unit."""
+    a, b, c = default_pair(rd, layer)
+    with open_store(rd) as store:
+        score, mean = unit_maxima(store, layer, [c.index], with_means=True)
+    fig = additive_figure(rd, a, add=[b], n_images=n_images, rows=top_rows(score[:, 0], n_images, tie=mean[:, 0]))
+    return save("additive", fig, _jsonable(fig.neurosem_info))
+
+
+def _summary_task(rd: Any, save: Any) -> _Saved:
+    from neurosem.analysis.query import load_run_dissection
+    from neurosem.dissect.report import summary_figure
+
+    return save("dissect_summary", summary_figure(load_run_dissection(rd)), {"from": "dissect.h5"})
+
+
+def _kl_task(rd: Any, save: Any) -> "_Saved | None":
+    from neurosem.analysis.kl import kl_curves, read_kl_json
+
+    try:
+        result = read_kl_json(rd) or kl_curves(rd)
+    except NeurosemError as exc:
+        log.warning("note: the KL figure is skipped: %s", exc)
+        return None
+    return save("kl_curves", kl_figure(result), {"from": "kl.json"})
+
+
+def _map_task(rd: Any, layer: str, save: Any) -> _Saved:
+    fig = semantic_map_figure(rd, layer)
+    return save("semantic_map", fig, {"layer": layer, "method": fig.neurosem_info["method"],
+                                      "labelled": fig.neurosem_info["labelled"]})
+
+
+def _heatmap_task(rd: Any, layer: str, save: Any) -> _Saved:
+    fig = similarity_heatmap_figure(rd, layer)
+    return save("similarity_heatmap", fig, {"layer": layer, "order": [int(u) for u in fig.neurosem_info["order"]]})
 
 
 def query_figure(run: Any, neuron: "NeuronId | str", add: Sequence["NeuronId | str"] = (),

@@ -19,11 +19,24 @@ from neurosem.analysis._plotstyle import category_palette, hide_ticks, new_figur
 from neurosem.analysis.defaults import NONE_CATEGORY, check_layer, unit_categories
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
     from matplotlib.figure import Figure
 
 
+#: Bumped when the map's t-SNE changes, so that cached coordinates of the old one are not reused.
+TSNE_VERSION = 1
+
+
 def embed_2d(S: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
-    """2-D coordinates of the rows of ``S: [C, K]`` (unit-normalised): PCA, or t-SNE from 50 rows."""
+    """2-D coordinates of the rows of ``S: [C, K]`` (unit-normalised): PCA, or t-SNE from 50 rows.
+
+    t-SNE is :func:`neurosem.analysis._tsne.tsne` (exact, scikit-learn's schedule, cosine distances,
+    perplexity ``min(30, (C - 1) / 3)``, PCA start; deterministic, so ``seed`` plays no part); PCA
+    is :func:`~neurosem.analysis._tsne.pca_2d`.
+    """
+    from neurosem.analysis._tsne import cosine_distances, pca_2d, tsne
+
     X = np.asarray(S, dtype=np.float64)
     X = X / np.maximum(np.linalg.norm(X, axis=1), 1e-12)[:, None]
     if method == "auto":
@@ -31,20 +44,64 @@ def embed_2d(S: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.nda
     if len(X) < 3 or X.shape[1] < 2:
         return np.column_stack([X[:, 0], X[:, 1] if X.shape[1] > 1 else np.zeros(len(X))]), "raw"
     if method == "tsne":
-        from sklearn.manifold import TSNE
-
         from threadpoolctl import threadpool_limits
 
-        perplexity = float(min(30.0, (len(X) - 1) / 3.0))
-        # one OpenMP thread: the gradient of a few hundred points gains nothing from more, and on a
-        # busy machine its threads wait on each other (1.6 s -> 15 s for 512 units, measured)
-        with threadpool_limits(1):
-            xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
-                      metric="cosine", n_jobs=1).fit_transform(X)
+        # one BLAS thread: the products of a few hundred points gain nothing from more, and on a
+        # busy machine the threads wait on each other (2 s -> 10 s for 512 units, measured)
+        with threadpool_limits(limits=1, user_api="blas"):
+            xy, _ = tsne(cosine_distances(X), pca_2d(X), perplexity=float(min(30.0, (len(X) - 1) / 3.0)))
         return xy, "t-SNE"
-    from sklearn.decomposition import PCA
+    return pca_2d(X), "PCA"
 
-    return PCA(n_components=2, random_state=seed).fit_transform(X), "PCA"
+
+def map_key(S: np.ndarray, method: str) -> str:
+    """The content hash that cached map coordinates of ``S: [C, K]`` are stored under (sha256 hex of
+    the map's version, the method and the vectors as float64)."""
+    import hashlib
+
+    X = np.ascontiguousarray(S, dtype=np.float64)
+    h = hashlib.sha256(f"neurosem-map-v{TSNE_VERSION}:{method}:{X.shape}".encode())
+    h.update(X.tobytes())
+    return h.hexdigest()
+
+
+def cached_embed_2d(S: np.ndarray, method: str = "auto", cache: "Path | None" = None) -> tuple[np.ndarray, str]:
+    """:func:`embed_2d`, reading and writing the coordinates in the file ``cache`` (``.npz``; None:
+    no cache) under :func:`map_key`: a second map of the same vectors costs no t-SNE, and a changed
+    embedding (or method, or map version) is computed afresh and replaces the entry."""
+    if cache is None:
+        return embed_2d(S, method)
+    key = map_key(S, method)
+    try:
+        with np.load(cache, allow_pickle=False) as data:
+            if str(data["key"]) == key:
+                return np.array(data["xy"], dtype=np.float64), str(data["how"])
+    except (OSError, KeyError, ValueError):
+        pass                                    # no cache yet, or unreadable: compute afresh
+    xy, how = embed_2d(S, method)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez(tmp, key=np.array(key), xy=xy, how=np.array(how))
+        tmp.replace(cache)
+    except OSError:
+        pass                                    # a read-only run still gets its figure
+    return xy, how
+
+
+def map_is_cached(S: np.ndarray, method: str, cache: "Path") -> bool:
+    """Whether ``cache`` holds the coordinates of ``S: [C, K]`` by ``method`` (:func:`map_key`)."""
+    try:
+        with np.load(cache, allow_pickle=False) as data:
+            return str(data["key"]) == map_key(S, method)
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def map_cache_path(rd: Any, layer: str) -> "Path":
+    """Where the map coordinates of ``layer`` are cached: ``RUN/figures/.cache/map-<layer>.npz``."""
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in layer)
+    return rd.figures / ".cache" / f"map-{safe}.npz"
 
 
 #: Where a map label may go relative to its point (offset points, alignment), in order of preference.
@@ -91,10 +148,12 @@ def place_labels(ax: Any, xy: np.ndarray, texts: dict[int, str], fontsize: float
     return done
 
 
-def semantic_map_figure(run: Any, layer: str | None = None, n_labels: int = 10, method: str = "auto") -> "Figure":
+def semantic_map_figure(run: Any, layer: str | None = None, n_labels: int = 10, method: str = "auto",
+                        cache: bool = True) -> "Figure":
     """A 2-D map of a layer's semantic vectors coloured by dissection category; up to ``n_labels``
     interpretable units are labelled ``index label``, the highest IoU first, as many as fit without
-    overlapping (:func:`place_labels`)."""
+    overlapping (:func:`place_labels`). ``cache``: reuse (and keep) the coordinates in
+    :func:`map_cache_path` when the vectors are the same (:func:`cached_embed_2d`)."""
     from neurosem.analysis.query import load_run_dissection, load_run_embedding, run_dir
 
     rd = run_dir(run)
@@ -103,7 +162,7 @@ def semantic_map_figure(run: Any, layer: str | None = None, n_labels: int = 10, 
     S = np.asarray(emb.vectors(layer))
     dis = load_run_dissection(rd)
     cats, ious = unit_categories(dis, layer, len(S))
-    xy, how = embed_2d(S, method)
+    xy, how = cached_embed_2d(S, method, map_cache_path(rd, layer) if cache else None)
     order_cats = sorted(set(cats) - {NONE_CATEGORY}) + ([NONE_CATEGORY] if NONE_CATEGORY in cats else [])
     pal = category_palette([c for c in order_cats if c != NONE_CATEGORY])
     pal[NONE_CATEGORY] = (0.72, 0.72, 0.72)

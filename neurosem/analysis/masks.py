@@ -1,7 +1,7 @@
 """Activation masks for the figures: the dissection's own masks over the images a unit likes most.
 
-The mask of a unit on an image is the dissection's (:func:`neurosem.dissect.tally.unit_masks`, the
-function the tally and the HTML report use): the unit's stored map ``[h, w]`` upsampled bilinearly
+The mask of a unit on an image is the dissection's (:func:`dissection_masks`: bit for bit the
+masks of the dissection's CPU kernel, which the tally and the HTML report use): the unit's stored map ``[h, w]`` upsampled bilinearly
 (``align_corners=False``) to the dissection's label size ``[sh, sw]`` (``label_size`` in
 dissect.h5's ``args``) and compared with the unit's dissection threshold, ``upsampled >
 threshold`` (strict). A figure draws that mask at any size by nearest-neighbour resizing only
@@ -102,12 +102,21 @@ def top_images(store: Any, layer: str, unit: int, n: int) -> list[int]:
     return top_rows(peak[:, 0], n, tie=mean[:, 0])
 
 
+def axis_geometry(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear (``align_corners=False``) geometry of one axis: ``(lo [n_out] int64, lam [n_out]
+    float64)``, output ``o`` between source pixels ``lo[o]`` and ``min(lo[o] + 1, n_in - 1)`` at
+    weight ``lam[o]``; the values of :func:`neurosem.dissect._kernels.axis_tables` (computed the same
+    way here so that drawing a figure does not import numba, 0.3 s; a test holds them equal)."""
+    o = np.arange(n_out, dtype=np.float64)
+    src = np.maximum((o + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    return lo, src - lo.astype(np.float64)
+
+
 def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
     """``[n_out, n_in]`` float64: row ``o`` holds the bilinear (``align_corners=False``) weights of
-    output ``o`` (:func:`neurosem.dissect._kernels.axis_tables`' geometry)."""
-    from neurosem.dissect._kernels import axis_tables
-
-    lo, lam, _, _ = axis_tables(n_in, n_out)
+    output ``o`` (:func:`axis_geometry`)."""
+    lo, lam = axis_geometry(n_in, n_out)
     m = np.zeros((n_out, n_in))
     rows = np.arange(n_out)
     np.add.at(m, (rows, lo), 1.0 - lam)
@@ -141,28 +150,45 @@ def display_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return mask[np.ix_(rows, cols)]
 
 
-def dissection_masks(raw: np.ndarray, thresholds: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def dissection_masks(raw: np.ndarray, thresholds: np.ndarray, size: tuple[int, int],
+                     max_elements: int = 2 ** 22) -> np.ndarray:
     """The dissection's masks of ``raw: [U, I, h, w]`` (thresholds ``[U]``, float64) at ``size``:
-    ``bool [U, I, sh, sw]``, computed by the dissection's own CPU kernel
-    (:func:`neurosem.dissect._kernels.map_masks`, no torch import) or, where numba is missing, by
-    :func:`neurosem.dissect.tally.unit_masks` (the two agree bit for bit, tests/dissect/test_kernels.py)."""
-    from neurosem.dissect import _kernels as K
+    ``bool [U, I, sh, sw]``, bit for bit those of the dissection's CPU kernel
+    (:func:`neurosem.dissect._kernels.map_masks`; a test compares them), in numpy.
 
+    As the kernel: the maps in float64 (float16 values exactly); an output pixel is set when
+    :func:`neurosem.dissect.tally.bilinear_value` of its four source pixels, in the same order of
+    operations, exceeds the threshold and its cell (the source pixels around it) has a corner above
+    the threshold; at the label size itself, the pixels above the threshold. A few hundred maps of
+    a figure cost milliseconds here, where loading the compiled kernel costs 1.3 s per process.
+    ``max_elements``: the largest float64 intermediate (maps are processed in chunks).
+    """
     raw = np.asarray(raw)
     u_n, i_n, h, w = raw.shape
-    thr = np.asarray(thresholds, dtype=np.float64)
-    if K.HAVE_NUMBA:
-        units = np.repeat(np.arange(u_n, dtype=np.int64), i_n)
-        if raw.dtype not in (np.float16, np.float32, np.float64):
-            raw = raw.astype(np.float32)
-        out = K.map_masks(raw.reshape(u_n * i_n, h, w), thr, units, K.Geometry(h, w, *size))
-        return out.reshape(u_n, i_n, *size)
-    import torch
-
-    from neurosem.dissect.tally import unit_masks
-
-    acts = torch.from_numpy(np.ascontiguousarray(np.swapaxes(raw, 0, 1), dtype=np.float32))   # [I, U, h, w]
-    return np.swapaxes(unit_masks(acts, torch.as_tensor(thr), size).numpy(), 0, 1)
+    sh, sw = (int(v) for v in size)
+    thr = np.repeat(np.asarray(thresholds, dtype=np.float64), i_n)
+    x_all = raw.reshape(u_n * i_n, h, w)
+    out = np.zeros((u_n * i_n, sh, sw), dtype=bool)
+    lo_y, lam_y = axis_geometry(h, sh)
+    lo_x, lam_x = axis_geometry(w, sw)
+    hi_y, hi_x = np.minimum(lo_y + 1, h - 1), np.minimum(lo_x + 1, w - 1)
+    up_y, up_x = np.minimum(np.arange(h) + 1, h - 1), np.minimum(np.arange(w) + 1, w - 1)
+    ly, lx = lam_y[None, :, None], lam_x[None, None, :]
+    step = max(1, max_elements // max(1, sh * sw))
+    for start in range(0, len(x_all), step):
+        x = x_all[start:start + step].astype(np.float64)
+        t = thr[start:start + step, None, None]
+        hot = x > t                                             # NaN is never above
+        if (h, w) == (sh, sw):
+            out[start:start + step] = hot
+            continue
+        cell = hot | hot[:, up_y] | hot[:, :, up_x] | hot[:, up_y][:, :, up_x]
+        top, bottom = x[:, lo_y], x[:, hi_y]
+        a, b, c, d = top[:, :, lo_x], top[:, :, hi_x], bottom[:, :, lo_x], bottom[:, :, hi_x]
+        with np.errstate(invalid="ignore"):                   # inf - inf: NaN, never above
+            value = (a + ly * (c - a)) + lx * ((b - a) + ly * ((d - c) - (b - a)))
+        out[start:start + step] = (value > t) & cell[:, lo_y][:, :, lo_x]
+    return out.reshape(u_n, i_n, sh, sw)
 
 
 def dataset_spec(rd: "RunDir", store: Any) -> str | None:
