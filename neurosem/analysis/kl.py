@@ -51,8 +51,13 @@ def _file_stamp(path: Path) -> dict[str, int]:
 
 def kl_curves(run: Any = None, n_random: int = 10, seed: int = 0, max_iter: int = 3000,
               warm_start: bool = True, write: bool = True, device: str = "auto",
-              progress: bool = True, workers: int | None = None) -> dict[str, Any]:
+              progress: bool = True, workers: int | None = None, cache: bool = True) -> dict[str, Any]:
     """The Fig. 4 numbers of a run; writes ``RUN/kl.json`` and ``RUN/kl.csv``.
+
+    The upper bound (the optimisations, most of the time) is kept in
+    ``RUN/.cache/kl-upper-bounds.json`` under a content hash of everything it depends on
+    (:func:`upper_bound_key`): a second call with the same dissection, vectors and settings reads
+    it back, any change computes it afresh (``cache=False``: always).
 
     Args:
         run: a run directory (``str``/``Path``/``RunDir``); ``None`` = the only run under ``runs/``.
@@ -125,8 +130,17 @@ def kl_curves(run: Any = None, n_random: int = 10, seed: int = 0, max_iter: int 
             "n_units": int(c), "dim": int(k), "n_labels": int(targets.shape[1]),
             "n_zero_targets": int(np.sum(~np.any(targets != 0, axis=1))),
         }
-    bounds = upper_bounds(targets_by_layer, dims, temperature, seed=seed, warm_starts=warm_starts,
-                          max_iter=max_iter, device=evaluate_on, workers=workers, progress=progress)
+    keys = {name: upper_bound_key(targets_by_layer[name], dims[name], warm_starts[name], temperature, seed,
+                                  max_iter, evaluate_on) for name in layers}
+    cache_path = rd.path / ".cache" / "kl-upper-bounds.json"
+    bounds = _read_bound_cache(cache_path, keys) if cache else {}
+    todo = [name for name in layers if name not in bounds]
+    if todo:
+        bounds.update(upper_bounds({n: targets_by_layer[n] for n in todo}, {n: dims[n] for n in todo}, temperature,
+                                   seed=seed, warm_starts={n: warm_starts[n] for n in todo}, max_iter=max_iter,
+                                   device=evaluate_on, workers=workers, progress=progress))
+        if cache and write:
+            _write_bound_cache(cache_path, {n: (keys[n], bounds[n]) for n in layers})
     for name in layers:
         out_layers[name]["upper_bound"] = bounds[name]
 
@@ -182,6 +196,43 @@ def write_kl_files(folder: Path, result: dict[str, Any]) -> tuple[Path, Path]:
         writer.writerows(rows)
     tmp.replace(csv_path)
     return json_path, csv_path
+
+
+#: Bumped when the upper bound's optimisation changes, so that cached bounds of the old one are not reused.
+UPPER_BOUND_VERSION = 1
+
+
+def upper_bound_key(targets: np.ndarray, dim: int, warm: "np.ndarray | None", temperature: float, seed: int,
+                    max_iter: int, device: Any) -> str:
+    """The content hash a layer's upper bound is cached under: sha256 of the version, the settings,
+    the evaluation device's kind, the targets ``[C, L]`` and the warm start ``[C, K]`` as float64."""
+    import hashlib
+
+    kind = getattr(device, "type", str(device))
+    h = hashlib.sha256(f"neurosem-kl-upper-v{UPPER_BOUND_VERSION}:{dim}:{float(temperature)!r}:{int(seed)}:"
+                       f"{int(max_iter)}:{kind}:{np.shape(targets)}:{None if warm is None else np.shape(warm)}".encode())
+    h.update(np.ascontiguousarray(targets, dtype=np.float64).tobytes())
+    if warm is not None:
+        h.update(np.ascontiguousarray(warm, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+def _read_bound_cache(path: Path, keys: dict[str, str]) -> dict[str, Any]:
+    """The cached bounds whose key matches (an unreadable or foreign file: none)."""
+    try:
+        data = json.loads(path.read_text())
+        return {name: dict(data[name]["bound"]) for name, key in keys.items()
+                if isinstance(data.get(name), dict) and data[name].get("key") == key}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def _write_bound_cache(path: Path, entries: dict[str, tuple[str, dict[str, Any]]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({name: {"key": key, "bound": bound} for name, (key, bound) in entries.items()},
+                              indent=1))
+    tmp.replace(path)
 
 
 def read_kl_json(run: Any) -> dict[str, Any] | None:

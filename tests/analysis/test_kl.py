@@ -356,3 +356,37 @@ def test_kl_on_the_cpu_does_not_import_torch(tmp_path):
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(gpu_driver_visible())
+
+
+def test_the_upper_bound_is_cached_under_its_inputs(tmp_path, monkeypatch):
+    run, *_ = _tiny_run(tmp_path)
+    first = klmod.kl_curves(run, n_random=2, seed=7)
+    cache = run / ".cache" / "kl-upper-bounds.json"
+    assert set(json.loads(cache.read_text())) == {"l1", "l2"}
+    calls = []
+    real = klmod.upper_bounds
+
+    def counting(targets, *args, **kwargs):
+        calls.append(sorted(targets))
+        return real(targets, *args, **kwargs)
+
+    monkeypatch.setattr(klmod, "upper_bounds", counting)
+    again = klmod.kl_curves(run, n_random=2, seed=7)
+    assert calls == [] and again["layers"] == first["layers"]            # read back, the same numbers
+    klmod.kl_curves(run, n_random=2, seed=8)                              # another start: computed afresh
+    klmod.kl_curves(run, n_random=2, seed=7, max_iter=50)
+    klmod.kl_curves(run, n_random=2, seed=7, cache=False)
+    assert calls == [["l1", "l2"]] * 3
+    klmod.kl_curves(run, n_random=2, seed=7)        # the cache holds max_iter=50's bounds: computed again
+    assert len(calls) == 4
+    # new vectors for l2 only: l2's bound is recomputed, l1's read back
+    S2 = np.random.default_rng(9).standard_normal((5, 2))
+    write_embedding(run, {"l1": T_TINY, "l2": S2}, {"l1": np.stack([T_TINY] * 3), "l2": np.stack([S2] * 3)},
+                    steps=[0, 4, 16], config={"temperature": 1.0})
+    klmod.kl_curves(run, n_random=2, seed=7)
+    assert calls[-1] == ["l2"]
+    cache.write_text("{not json")                                         # damaged: computed afresh
+    res = klmod.kl_curves(run, n_random=2, seed=7)
+    assert calls[-1] == ["l1", "l2"] and res["layers"]["l1"]["upper_bound"]["kl"] >= 0
+    assert klmod.upper_bound_key(T_TINY, 3, None, 1.0, 0, 10, "cpu") != klmod.upper_bound_key(
+        T_TINY, 3, None, 0.5, 0, 10, "cpu")
