@@ -113,10 +113,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if not self.training:
             return super().forward(x)
-        count = _SumOverRanks.apply(torch.tensor([float(x.shape[0] * x.shape[2] * x.shape[3])],
-                                                 dtype=torch.float64, device=x.device)).detach()
-        n = float(count.item())
-        mean = _SumOverRanks.apply(x.sum((0, 2, 3))) / n
+        # the count travels with the sums (one all-reduce): exact in float32 up to 2^24 values
+        local = torch.cat([x.sum((0, 2, 3)), x.new_full((1,), float(x.shape[0] * x.shape[2] * x.shape[3]))])
+        sums = _SumOverRanks.apply(local)
+        n = float(sums[-1].detach().item())
+        mean = sums[:-1] / n
         d = x - mean[None, :, None, None]
         var = _SumOverRanks.apply((d * d).sum((0, 2, 3))) / n
         y = d * torch.rsqrt(var + self.eps)[None, :, None, None]
