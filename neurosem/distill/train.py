@@ -37,12 +37,12 @@ import torch
 from neurosem.distill import methods as M
 from neurosem.distill import zoo
 from neurosem.distill._ddp import Spread, broadcast_state, check_splittable, reduce_gradients, synced_batchnorm
-from neurosem.distill.loop import _collate, _datasets, _epoch_seed, _init_epoch, _seed_all, evaluate  # noqa: F401
-from neurosem.distill.distiller import build_distiller, resolve_weights, zoo_widths
-from neurosem.distill.methods import LossWeights, MethodOptions
-from neurosem.distill.protocols import PROTOCOLS, Protocol, default_protocol, protocol_lr
 from neurosem.distill.checkpoint import (_load_checkpoint, _resume, _rng_state, _save_checkpoint,  # noqa: F401
                                          _set_rng_state, _write_json)
+from neurosem.distill.distiller import build_distiller, resolve_weights, zoo_widths
+from neurosem.distill.loop import _collate, _datasets, _epoch_seed, _init_epoch, _seed_all, evaluate  # noqa: F401
+from neurosem.distill.methods import LossWeights, MethodOptions
+from neurosem.distill.protocols import PROTOCOLS, Protocol, default_protocol, protocol_lr
 from neurosem.distill.vectors import load_teacher_vectors
 from neurosem.errors import NeurosemError, RunMismatchError
 
