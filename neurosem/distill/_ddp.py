@@ -182,6 +182,15 @@ class Spread:
         lo, hi = cuts[comm.rank]
         return cls(n=int(n), sizes=tuple(h - l for l, h in cuts), lo=lo, hi=hi)
 
+    @classmethod
+    def split(cls, comm: "Comm | None", *tensors: torch.Tensor) -> "tuple[Spread | None, ...]":
+        """``(spread, *this rank's rows of each tensor)`` of a global batch; ``(None, *tensors)``
+        for a single process (``comm`` None)."""
+        if comm is None:
+            return (None, *tensors)
+        spread = cls.of(comm, int(tensors[0].shape[0]))
+        return (spread, *(spread.mine(t) for t in tensors))
+
     @property
     def share(self) -> float:
         """This rank's weight ``n_r / n`` for per-image means (CE, KD)."""
@@ -212,6 +221,26 @@ def broadcast_state(modules: Iterable[nn.Module]) -> None:
         for m in modules:
             for t in list(m.parameters()) + list(m.buffers()):
                 dist.broadcast(t.data, src=0)
+
+
+class GradientSync:
+    """After ``backward``: the student's gradients summed and the others' averaged over the ranks
+    (:func:`reduce_gradients`), with the split of ``params`` made once.
+
+    Args:
+        params: the parameters the optimiser steps (the student's and the method's).
+        student: the student's parameters (those among ``params`` are summed).
+    """
+
+    def __init__(self, comm: Comm, params: Iterable[nn.Parameter], student: Iterable[nn.Parameter]) -> None:
+        ids = {id(p) for p in student}
+        params = list(params)
+        self.comm = comm
+        self.summed = [p for p in params if id(p) in ids]
+        self.averaged = [p for p in params if id(p) not in ids]
+
+    def __call__(self) -> None:
+        reduce_gradients(self.comm, self.summed, self.averaged)
 
 
 def reduce_gradients(comm: Comm, summed: Sequence[nn.Parameter], averaged: Sequence[nn.Parameter]) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neurosem.distill._ddp import Spread, reduce_gradients
+from neurosem.distill._ddp import GradientSync, Spread
 from neurosem.errors import NeurosemError
 
 
@@ -68,28 +68,25 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, comm: Any = No
 
 
 def _init_epoch(dist: Any, loader: Any, optimizer: torch.optim.Optimizer, dev: torch.device, bar: Any,
-                progress: bool, desc: str, comm: Any = None, student_ids: "set[int] | None" = None
-                ) -> tuple[float, float]:
+                progress: bool, desc: str, comm: Any = None) -> tuple[float, float]:
     """One epoch of the initialisation stage: ``(mean loss per image, seconds)``. Under torchrun
     (``comm``) each rank steps on its slice and the loss is the global batch's (every rank has it)."""
     dist.train()
     total = torch.zeros((), dtype=torch.float32 if dev.type == "mps" else torch.float64, device=dev)
     seen, t0 = 0, time.perf_counter()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sync = None
+    if comm is not None:
+        sync = GradientSync(comm, [p for g in optimizer.param_groups for p in g["params"]], dist.student.parameters())
     batches = iter(loader)
     for x, y, index in bar(batches, total=len(loader), desc=desc, enabled=progress, unit="batch"):
         n = int(y.shape[0])
-        spread = None
-        if comm is not None:
-            spread = Spread.of(comm, n)
-            x, y, index = spread.mine(x), spread.mine(y), spread.mine(index)
+        spread, x, y, index = Spread.split(comm, x, y, index)
         x, y, index = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), index.to(dev, non_blocking=True)
         loss = dist.init_step(x, y, index, spread)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if comm is not None:
-            ids = student_ids or set()
-            reduce_gradients(comm, [p for p in params if id(p) in ids], [p for p in params if id(p) not in ids])
+        if sync is not None:
+            sync()
         optimizer.step()
         total += loss.detach().to(total.dtype) * n
         seen += n

@@ -36,7 +36,7 @@ import torch
 
 from neurosem.distill import methods as M
 from neurosem.distill import zoo
-from neurosem.distill._ddp import Spread, broadcast_state, check_splittable, reduce_gradients, synced_batchnorm
+from neurosem.distill._ddp import GradientSync, Spread, broadcast_state, check_splittable, synced_batchnorm
 from neurosem.distill.checkpoint import (_load_checkpoint, _resume, _rng_state, _save_checkpoint,  # noqa: F401
                                          _set_rng_state, _write_json)
 from neurosem.distill.distiller import build_distiller, resolve_weights, zoo_widths
@@ -329,8 +329,7 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
 
     if main:
         rd.update_meta("distill", {k: v for k, v in config.items()})
-    s_params = list(dist.student.parameters())
-    s_ids = {id(p) for p in s_params}
+    sync = GradientSync(comm, params, dist.student.parameters()) if comm is not None else None
     with dist.hooked():
         if init_done < n_init:      # AB, FT, FSP: RepDistiller's initialisation stage (helper/pretrain.py)
             init_opt = torch.optim.SGD(dist.init_parameters(), lr=init_lr, momentum=proto.momentum,
@@ -344,7 +343,7 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
                 if hasattr(sampler, "set_epoch"):
                     sampler.set_epoch(-(k + 1))
                 mean, secs = _init_epoch(dist, train_loader, init_opt, dev, bar, progress, f"init {k + 1}/{n_init}",
-                                         comm, s_ids)
+                                         comm)
                 if not math.isfinite(mean):
                     _quiet_if_not_main(comm)
                     raise NeurosemError(f"the {method} initialisation loss became {mean} in init epoch {k + 1}: "
@@ -374,18 +373,16 @@ def distill(teacher: str | None = None, student: str = "resnet8x4", method: str 
             batches = iter(train_loader)
             for x, y, index in bar(batches, total=len(train_loader), desc=f"epoch {epoch + 1}/{proto.epochs}",
                                    enabled=progress, unit="batch"):
-                spread = None
-                if comm is not None:   # this rank's slice of the global batch (every rank read all of it)
-                    spread = Spread.of(comm, int(y.shape[0]))
-                    x, y, index = spread.mine(x), spread.mine(y), spread.mine(index)
+                # under torchrun: this rank's slice of the global batch (every rank read all of it)
+                spread, x, y, index = Spread.split(comm, x, y, index)
                 x = x.to(dev, non_blocking=True)
                 y = y.to(dev, non_blocking=True)
                 index = index.to(dev, non_blocking=True)
                 loss, logits, parts = dist.step(x, y, index, spread)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if comm is not None:
-                    reduce_gradients(comm, s_params, [p for p in params if id(p) not in s_ids])
+                if sync is not None:
+                    sync()
                 optimizer.step()
                 n = int(y.shape[0])
                 with torch.no_grad():   # accumulate on the device: no host sync per step

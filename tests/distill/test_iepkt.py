@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from neurosem.data.cifar import write_cifar
 from neurosem.distill import distiller as D
 from neurosem.distill import methods as M
 from neurosem.distill import train as T
@@ -19,6 +18,7 @@ from neurosem.distill import zoo
 from neurosem.distill.methods import iepkt as I
 from neurosem.distill.methods import iepkt_parts as P
 from neurosem.errors import NeurosemError
+from tests._cifar import write_bright_cifar
 
 
 def _rng(seed=0):
@@ -471,18 +471,8 @@ FAST = dict(epochs=2, init_epochs=2, batch_size=8, num_workers=0, progress=False
 
 @pytest.fixture(scope="module")
 def data_and_teacher(tmp_path_factory):
-    rng = np.random.default_rng(0)
-
-    def make(n):
-        labels = rng.integers(0, 4, size=n)
-        x = rng.integers(0, 80, size=(n, 32, 32, 3))
-        for i, c in enumerate(labels):
-            if c < 3:
-                x[i, :, :, c] += 150
-        return x.astype(np.uint8), [int(v) for v in labels]
-
     root = tmp_path_factory.mktemp("iep")
-    write_cifar(root / "data", make(20), make(8), name="cifar100")
+    write_bright_cifar(root / "data", 20, 8)
     torch.manual_seed(0)
     weights = root / "resnet14.pth"
     torch.save(zoo.build("resnet14", num_classes=100).state_dict(), weights)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from neurosem.data.cifar import write_cifar
 from neurosem.distill import distiller as D
 from neurosem.distill import train as T
 from neurosem.distill import zoo
 from neurosem.errors import DataError, NeurosemError, RunMismatchError
+from tests._cifar import write_bright_cifar
 
 
 
@@ -23,19 +23,7 @@ FAST = dict(protocol="paper", epochs=2, batch_size=8, num_workers=0, progress=Fa
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory) -> Path:
     """24 train / 8 test images of 4 classes (class = the brightest colour channel)."""
-    rng = np.random.default_rng(0)
-
-    def make(n):
-        labels = rng.integers(0, 4, size=n)
-        x = rng.integers(0, 80, size=(n, 32, 32, 3))
-        for i, c in enumerate(labels):
-            if c < 3:
-                x[i, :, :, c] += 150
-        return x.astype(np.uint8), [int(v) for v in labels]
-
-    root = tmp_path_factory.mktemp("cifar")
-    write_cifar(root, make(24), make(8), name="cifar100")
-    return root
+    return write_bright_cifar(tmp_path_factory.mktemp("cifar"), 24, 8)
 
 
 def _embedding(tmp: Path, teacher: str, data_root: Path, dim: int = 4) -> Path:

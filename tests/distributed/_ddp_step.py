@@ -18,7 +18,7 @@ N_DATA = 40
 
 def main(out: Path, method: str) -> None:
     from neurosem.distill import zoo
-    from neurosem.distill._ddp import Spread, reduce_gradients, synced_batchnorm
+    from neurosem.distill._ddp import GradientSync, Spread, synced_batchnorm
     from neurosem.distill.distiller import build_distiller
     from neurosem.distill.methods import MethodOptions
     from neurosem.distributed import current
@@ -34,8 +34,8 @@ def main(out: Path, method: str) -> None:
                         n_data=N_DATA, labels=labels)
     if comm is not None:
         d.student = synced_batchnorm(d.student, torch.device("cpu"))
-    s_ids = {id(p) for p in d.student.parameters()}
     params = list(d.init_parameters()) if method in ("ab", "ft", "fsp") else list(d.parameters())
+    sync = GradientSync(comm, params, d.student.parameters()) if comm is not None else None
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, BATCH, 3, 32, 32, generator=g)
     index = torch.randperm(N_DATA, generator=g)[: 2 * BATCH].view(2, BATCH)
@@ -45,10 +45,7 @@ def main(out: Path, method: str) -> None:
     with d.hooked():
         for step in range(2):
             torch.manual_seed(10 + step)     # CRD draws its negatives from the global RNG
-            spread = Spread.of(comm, BATCH) if comm is not None else None
-            xs, ys, ix = x[step], y[step], index[step]
-            if spread is not None:
-                xs, ys, ix = spread.mine(xs), spread.mine(ys), spread.mine(ix)
+            spread, xs, ys, ix = Spread.split(comm, x[step], y[step], index[step])
             if method in ("ab", "ft", "fsp"):
                 loss = d.init_step(xs, ys, ix, spread)
             else:
@@ -56,9 +53,8 @@ def main(out: Path, method: str) -> None:
             for p in params:
                 p.grad = None
             loss.backward()
-            if comm is not None:
-                reduce_gradients(comm, [p for p in params if id(p) in s_ids],
-                                 [p for p in params if id(p) not in s_ids])
+            if sync is not None:
+                sync()
             grads.append([None if p.grad is None else p.grad.clone() for p in params])
             with torch.no_grad():
                 for p in params:

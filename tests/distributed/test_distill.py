@@ -14,28 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests._cifar import write_bright_cifar
 from tests.distributed._launch import ROOT, _env, error_lines, spawn
 
 #: every method but IEPKT (refused under torchrun); ab, ft, fsp take their initialisation step
 METHODS = ("ce", "kd", "skd-random", "fitnet", "vid", "at", "sp", "nst", "cc", "rkd", "pkt", "crd",
            "ab", "ft", "fsp")
-
-
-def _cifar(root: Path) -> Path:
-    from neurosem.data.cifar import write_cifar
-
-    rng = np.random.default_rng(0)
-
-    def make(n):
-        labels = rng.integers(0, 4, size=n)
-        x = rng.integers(0, 80, size=(n, 32, 32, 3))
-        for i, c in enumerate(labels):
-            if c < 3:
-                x[i, :, :, c] += 150
-        return x.astype(np.uint8), [int(v) for v in labels]
-
-    write_cifar(root, make(24), make(8), name="cifar100")
-    return root
 
 
 def _distill(data: Path, run: Path, epochs: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
@@ -90,7 +74,7 @@ def test_every_method_steps_as_one_process_in_float64(tmp_path):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return _cifar(tmp_path_factory.mktemp("cifar"))
+    return write_bright_cifar(tmp_path_factory.mktemp("cifar"), 24, 8)
 
 
 def _float64(run: Path, data: Path, epochs: int) -> list[str]:
